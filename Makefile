@@ -1,0 +1,46 @@
+# tokenprune — every target sets up the environment it needs on first use.
+# The environment is the active virtual environment if one is active, else .venv in this checkout.
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tokenprune-installed
+ARGS ?=
+PYTEST_ARGS ?=
+# Offline by default: nothing downloads weights or datasets at test or default run time.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export WANDB_MODE ?= offline
+
+.DEFAULT_GOAL := help
+.PHONY: help install test run lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	@touch $(STAMP)
+
+install: $(STAMP) ## set up the environment (CPU torch 2.13.0 if none, the package, lmms-eval --no-deps)
+
+test: install ## set up, then run the test suite
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+run: install ## set up, then run the main job on the embedded default (extra Hydra overrides: ARGS=...)
+	$(PY) -m tokenprune.train reducer=prumerge_plus $(ARGS)
+
+lint: install ## ruff check + format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install ## ruff fix + format
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: install ## run the speed/memory benchmarks in scripts/bench_*.py
+	@for script in scripts/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean: ## remove caches and run outputs (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+	find outputs -mindepth 1 -not -name .gitkeep -delete

@@ -1,0 +1,50 @@
+"""Shared fixtures: offline environment, the tiny LLaVA checkpoint, composed configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_path(tmp_path_factory) -> str:
+    """A tiny random LLaVA saved with save_pretrained (built once per test session)."""
+    from tokenprune.models.tiny import build_tiny_llava
+
+    return str(build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny_llava"))
+
+
+@pytest.fixture()
+def tiny_llava(tiny_llava_path):
+    """The LLaVA adapter over the tiny checkpoint in float32 on CPU, no reducer."""
+    from tokenprune.models.llava import LlavaAdapter
+
+    return LlavaAdapter.from_pretrained(tiny_llava_path, dtype="float32", device="cpu")
+
+
+def random_images(n: int, seed: int = 0) -> list[Image.Image]:
+    """Different sizes and aspect ratios, so the processor's resize and crop matter."""
+    rng = np.random.default_rng(seed)
+    sizes = [(80, 70), (96, 96), (64, 120), (100, 90), (72, 72), (90, 64)]
+    return [
+        Image.fromarray((rng.random((*sizes[i % len(sizes)], 3)) * 255).astype("uint8")) for i in range(n)
+    ]
+
+
+def clip_like_signals(b: int, n: int, c: int, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """CLS attention with a few strong outliers (as CLIP's) and random keys."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, n + 1, generator=generator)
+    spikes = torch.randint(0, n, (b, max(1, n // 40)), generator=generator)
+    logits.scatter_add_(1, spikes + 1, 4 + 2 * torch.rand(spikes.shape, generator=generator))
+    attention = logits.softmax(-1)[:, 1:]
+    keys = torch.randn(b, n, c, generator=generator)
+    return {"vit_cls_attn": attention.to(dtype), "vit_keys": keys.to(dtype)}

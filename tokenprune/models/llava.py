@@ -1,0 +1,236 @@
+"""Adapter for `LlavaForConditionalGeneration` (LLaVA-1.5 7B/13B and the tiny test model).
+
+The adapter owns every model internal: it runs the CLIP tower to the layers it needs, computes
+the signals the reducer asks for, applies the reducer before ("vision") or after ("llm") the
+projector, and splices each sample's reduced tokens into the LLM input with its own count of
+`<image>` placeholders (transformers' `mm_encoder_outputs` path, for `forward` and `generate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
+from tokenprune.models.signals import clip_cls_attention
+from tokenprune.reducers.baselines import NoReduction
+from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, VisualTokens
+
+LLAVA15_PROMPT = "USER: {images}{question} ASSISTANT:"
+
+
+@dataclass
+class EncodedImages:
+    """Reduced visual tokens of a flat list of images, ready for the LLM."""
+
+    features: list[torch.Tensor]  # per image [k_i, D_llm]
+    index: list[torch.Tensor]  # per image [k_i] source patch (-1 synthetic)
+    grid: tuple[int, int]
+
+
+@dataclass
+class ModelInputs:
+    """What the LLM receives after the splice (left-padded batch)."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L]
+    mm_encoder_outputs: dict[str, BaseModelOutputWithPooling]
+    visual_tokens: list[int]  # per sample: visual tokens given to the LLM
+
+    def as_kwargs(self) -> dict:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+            "mm_encoder_outputs": self.mm_encoder_outputs,
+        }
+
+
+class LlavaAdapter:
+    """LLaVA (CLIP + projector + LLM) with a visual-token reducer in the loop."""
+
+    family = "llava"
+
+    def __init__(self, model, processor, reducer: Reducer | None = None, prompt: str = LLAVA15_PROMPT) -> None:
+        config = model.config
+        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+            raise ValueError(
+                "LlavaAdapter supports vision_feature_select_strategy='default' with one vision_feature_layer "
+                f"(LLaVA-1.5); got {config.vision_feature_select_strategy!r}, {config.vision_feature_layer!r}"
+            )
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.reducer = reducer if reducer is not None else NoReduction()
+        self.prompt = prompt
+        self.image_token_id = config.image_token_id
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        self.grid = (side, side)
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        reducer: Reducer | None = None,
+        dtype: str = "bfloat16",
+        attn_implementation: str = "sdpa",
+        device: str = "auto",
+        prompt: str = LLAVA15_PROMPT,
+        build: str | None = None,
+    ) -> LlavaAdapter:
+        """Load a LLaVA checkpoint (local folder or hub id in the HF cache).
+
+        Args:
+            path: checkpoint folder or hub id (e.g. llava-hf/llava-1.5-7b-hf).
+            reducer: the visual-token reducer (None: no reduction).
+            dtype: float32 | float16 | bfloat16 | float64.
+            attn_implementation: sdpa | flash_attention_2 | eager (for the whole model).
+            device: auto | cpu | cuda | cuda:N.
+            prompt: the conversation format; `{images}` becomes one "<image>\\n" per image.
+            build: name of a tiny test model to build at `path` when it is missing (tokenprune.models.tiny).
+        """
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        source = resolve_checkpoint(path, build)
+        try:
+            processor = AutoProcessor.from_pretrained(source)
+            model = LlavaForConditionalGeneration.from_pretrained(
+                source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+            )
+        except OSError as error:
+            raise hub_error(path, error) from error
+        model.to(resolve_device(device)).eval()
+        return cls(model, processor, reducer=reducer, prompt=prompt)
+
+    # ------------------------------------------------------------------ vision side
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> pixel_values [I, 3, S, S] on the model's device and dtype."""
+        pixel_values = self.processor.image_processor(
+            [image.convert("RGB") for image in images], return_tensors="pt"
+        )["pixel_values"]
+        return pixel_values.to(self.device, self.model.dtype)
+
+    def visual_tokens(self, pixel_values: torch.Tensor) -> VisualTokens:
+        """Run the CLIP tower only as deep as needed; features before the projector plus signals."""
+        tower = self.model.model.vision_tower
+        layers = tower.encoder.layers
+        n_layers = len(layers)
+        feature_layer = self.model.config.vision_feature_layer
+        feature_depth = feature_layer if feature_layer >= 0 else n_layers + 1 + feature_layer
+        wants_signals = any(name in self.reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS))
+        depth = max(feature_depth, n_layers - 1) if wants_signals else feature_depth
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # [I, N+1, C]
+        states = [hidden]
+        for layer in layers[:depth]:
+            hidden = layer(hidden, attention_mask=None)
+            states.append(hidden)
+        signals = {}
+        if wants_signals:
+            signals[VIT_CLS_ATTN], signals[VIT_KEYS] = clip_cls_attention(layers[-1], states[n_layers - 1])
+        missing = set(self.reducer.requires) - set(signals) - {VIT_CLS_ATTN, VIT_KEYS}
+        if missing:
+            raise ValueError(
+                f"{type(self.reducer).__name__} requires signals {sorted(missing)} that the LLaVA adapter "
+                f"does not compute; available: {[VIT_CLS_ATTN, VIT_KEYS]}"
+            )
+        features = states[feature_depth][:, 1:]  # [I, N, C] drop CLS ("default" strategy)
+        return VisualTokens(features=features, grid=self.grid, signals=signals)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> EncodedImages:
+        """pixel_values [I, 3, S, S] -> per-image reduced LLM-space tokens."""
+        projector = self.model.model.multi_modal_projector
+        tokens = self.visual_tokens(pixel_values)
+        if self.reducer.space == "vision":
+            reduced = self.reducer(tokens)
+            projected = projector(reduced.features)  # [I, M, D_llm]
+        else:
+            projected_tokens = VisualTokens(projector(tokens.features), tokens.grid, tokens.signals)
+            reduced = self.reducer(projected_tokens)
+            projected = reduced.features
+        lengths = reduced.lengths.tolist()
+        return EncodedImages(
+            features=[f[:n] for f, n in zip(projected, lengths)],
+            index=[i[:n] for i, n in zip(reduced.index, lengths)],
+            grid=tokens.grid,
+        )
+
+    # ------------------------------------------------------------------ text side
+    def format_prompt(self, question: str, n_images: int) -> str:
+        return self.prompt.format(images="<image>\n" * n_images, question=question)
+
+    def splice(self, prompts: Sequence[str], counts: Sequence[Sequence[int]], features: list[torch.Tensor]) -> ModelInputs:
+        """Tokenize prompts and give image j of sample b exactly counts[b][j] placeholders.
+
+        Args:
+            prompts: one string per sample with one "<image>" per image.
+            counts: per sample, the kept token count of each of its images.
+            features: per image (flat, in sample order) [k_i, D_llm].
+        """
+        rows = []
+        for prompt, sample_counts in zip(prompts, counts):
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
+            if len(slots) != len(sample_counts):
+                raise ValueError(f"prompt has {len(slots)} <image> tokens but {len(sample_counts)} images: {prompt!r}")
+            remaining = iter(sample_counts)
+            expanded: list[int] = []
+            for token in ids:
+                expanded.extend([token] * next(remaining) if token == self.image_token_id else [token])
+            rows.append(expanded)
+        return self._pad(rows, [sum(c) for c in counts], features)
+
+    def _pad(self, rows: list[list[int]], visual: list[int], features: list[torch.Tensor]) -> ModelInputs:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)  # [B, L]
+        attention_mask = torch.tensor(
+            [[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device
+        )  # [B, L]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)} if features else {}
+        return ModelInputs(input_ids, attention_mask, position_ids, outputs, visual)
+
+    def prepare(self, questions: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> ModelInputs:
+        """Questions and their images -> the reduced, spliced LLM inputs."""
+        flat = [image for sample in images for image in sample]
+        encoded = self.encode_images(self.preprocess(flat)) if flat else EncodedImages([], [], self.grid)
+        kept = iter([f.shape[0] for f in encoded.features])
+        counts = [[next(kept) for _ in sample] for sample in images]
+        prompts = [self.format_prompt(q, len(sample)) for q, sample in zip(questions, images)]
+        return self.splice(prompts, counts, encoded.features)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Sequence[Image.Image]],
+        max_new_tokens: int = 16,
+        **generate_kwargs,
+    ) -> tuple[list[str], list[int]]:
+        """Batched generation; returns the decoded answers and each sample's visual token count."""
+        inputs = self.prepare(questions, images)
+        kwargs = inputs.as_kwargs()
+        kwargs.pop("position_ids")  # generate derives them from the attention mask, step by step
+        if not kwargs["mm_encoder_outputs"]:
+            kwargs.pop("mm_encoder_outputs")
+        output = self.model.generate(
+            **kwargs,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
+        new_tokens = output[:, inputs.input_ids.shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [t.strip() for t in texts], inputs.visual_tokens

@@ -1,0 +1,1 @@
+"""Visual-token reducers. One module per method; configs/reducer/<name>.yaml builds each."""

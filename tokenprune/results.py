@@ -1,0 +1,122 @@
+"""Result files: one self-describing JSON per run (+ per-sample JSONL), written atomically.
+
+Schema (`SCHEMA`): name, run (times, git sha + dirty flag, package versions, host, device, command),
+choices (config group options), config (fully resolved), metrics (`bench/<task>/<metric>`,
+`train/...`), efficiency (`visual_tokens_mean/min/max`, `samples`, `failed_samples`, `wall_time_s`),
+failures (per failed sample: task, doc_id, reason) and samples_file (the sibling JSONL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "tokenprune.result/1"
+PACKAGES = ("tokenprune", "torch", "transformers", "lmms_eval", "peft", "lightning", "hydra-core", "datasets")
+# Config keys that say where things are, not what was run: excluded from the name hash.
+_LOCATION_KEYS = ("paths", "run")
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """8 hex digits identifying what a resolved config runs (paths and run options excluded)."""
+    what = {k: v for k, v in config.items() if k not in _LOCATION_KEYS}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def result_name(config: Mapping[str, Any], choices: Mapping[str, str]) -> str:
+    """Deterministic run name: <model>-<reducer>-<benchmark>-<train>-<hash>; same config, same name."""
+    explicit = (config.get("run") or {}).get("name")
+    if explicit:
+        return str(explicit)
+    parts = [choices.get(g, "custom") for g in ("model", "reducer", "benchmark", "train")]
+    return "-".join([*parts, config_hash(config)])
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temp file in the same folder and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_result(path: str | os.PathLike, result: Mapping[str, Any]) -> Path:
+    return atomic_write_text(path, json.dumps({"schema": SCHEMA, **result}, indent=2, sort_keys=False, default=str))
+
+
+def write_samples(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    result = json.loads(Path(path).read_text(encoding="utf-8"))
+    if result.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a tokenprune result file (schema {result.get('schema')!r}, want {SCHEMA!r})")
+    return result
+
+
+def collect(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every result file in a folder, sorted by name."""
+    return [read_result(p) for p in sorted(Path(results_dir).glob("*.json"))]
+
+
+def run_info(started: datetime, device: str) -> dict[str, Any]:
+    """Where, when and with what a run ran."""
+    finished = datetime.now(timezone.utc)
+    return {
+        "started": started.isoformat(),
+        "finished": finished.isoformat(),
+        "wall_time_s": round((finished - started).total_seconds(), 3),
+        "git": git_state(),
+        "versions": package_versions(),
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "device": device,
+        "command": " ".join(sys.argv),
+    }
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state() -> dict[str, Any]:
+    """The checkout's commit and whether it had uncommitted changes (None outside a git checkout)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": None if status is None else bool(status)}

@@ -1,0 +1,1 @@
+"""Training stages (LoRA, mapper) and the pipeline behind `python -m tokenprune.train`."""

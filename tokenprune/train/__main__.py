@@ -1,0 +1,19 @@
+"""`python -m tokenprune.train reducer=...`: fit the train stage (if set), then evaluate."""
+
+import hydra
+from omegaconf import DictConfig
+
+from tokenprune.config import CONFIG_DIR, register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from tokenprune.train.pipeline import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
