@@ -1,0 +1,50 @@
+"""Result files: deterministic names, atomic writes, schema, collection."""
+
+import json
+import os
+
+import pytest
+
+from tokenprune.results import (
+    SCHEMA,
+    atomic_write_text,
+    collect,
+    config_hash,
+    read_result,
+    result_name,
+    write_result,
+)
+
+
+def test_name_is_deterministic_and_ignores_locations():
+    a = {"model": {"path": "x"}, "reducer": {"keep": 64}, "paths": {"outputs": "/a"}, "run": {"name": None}}
+    b = {**a, "paths": {"outputs": "/b"}}
+    c = {**a, "reducer": {"keep": 128}}
+    choices = {"model": "tiny_llava", "reducer": "random", "benchmark": "smoke", "train": "none"}
+    assert result_name(a, choices) == result_name(b, choices) == f"tiny_llava-random-smoke-none-{config_hash(a)}"
+    assert result_name(c, choices) != result_name(a, choices)
+    assert result_name({**a, "run": {"name": "mine"}}, choices) == "mine"
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    atomic_write_text(path, "old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"], "temp file left behind"
+
+
+def test_write_read_collect(tmp_path):
+    write_result(tmp_path / "b.json", {"name": "b", "metrics": {"bench/t/m": 1.0}})
+    write_result(tmp_path / "a.json", {"name": "a", "metrics": {}})
+    assert json.loads((tmp_path / "a.json").read_text())["schema"] == SCHEMA
+    assert [r["name"] for r in collect(tmp_path)] == ["a", "b"]
+    (tmp_path / "c.json").write_text(json.dumps({"name": "c"}))
+    with pytest.raises(ValueError, match="not a tokenprune result"):
+        read_result(tmp_path / "c.json")
