@@ -10,6 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export WANDB_MODE ?= offline
+export LOGURU_LEVEL ?= INFO
 
 .DEFAULT_GOAL := help
 .PHONY: help install test run lint format bench clean

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ def evaluate(adapter: Any, benchmark: Benchmark, seed: int = 0) -> dict[str, Any
          "failures": [...], "efficiency": {...}}
     """
     os.environ.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))  # some tasks read it at import
+    os.environ.setdefault("LOGURU_LEVEL", "INFO")  # lmms-eval's task indexing logs thousands of DEBUG lines
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -69,6 +71,9 @@ def evaluate(adapter: Any, benchmark: Benchmark, seed: int = 0) -> dict[str, Any
         bootstrap_iters=0,
         log_samples=False,
         task_manager=task_manager,
+        # process_with_media=False: lmms-eval scores from the docs without decoding images again, so a
+        # corrupt image fails its sample (recorded by our model) instead of the whole run.
+        cli_args=argparse.Namespace(process_with_media=False, output_path=None),
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,

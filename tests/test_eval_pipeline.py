@@ -1,0 +1,92 @@
+"""End to end: the Hydra entry points and lmms-eval's own CLI on the bundled smoke tasks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenprune.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+SMOKE = PROJECT_ROOT / "tokenprune" / "eval" / "tasks" / "smoke"
+
+
+def run_module(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def only_result(folder: Path) -> dict:
+    files = sorted(folder.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+@pytest.mark.slow
+def test_eval_entry_point_writes_result_and_rerun_skips(tiny_llava_path, tmp_path):
+    args = ["tokenprune.eval", "model=tiny_llava", "reducer=random", "benchmark=smoke",
+            f"model.path={tiny_llava_path}", f"paths.outputs={tmp_path}"]
+    run_module(*args)
+    results = tmp_path / "results"
+    result = only_result(results)
+    assert result["name"].startswith("tiny_llava-random-smoke-none-")
+    assert result["choices"] == {"model": "tiny_llava", "reducer": "random", "benchmark": "smoke", "train": "none"}
+    assert result["config"]["reducer"]["keep"] == 144
+    assert {"bench/tp_smoke_pope/pope_f1_score", "bench/tp_smoke_pope/pope_accuracy",
+            "bench/tp_smoke_vqa/exact_match"} <= set(result["metrics"])
+    eff = result["efficiency"]
+    assert (eff["visual_tokens_mean"], eff["visual_tokens_min"], eff["visual_tokens_max"]) == (144, 144, 144)
+    assert eff["samples"] == 16 and eff["failed_samples"] == 0 and eff["wall_time_s"] > 0
+    assert result["run"]["versions"]["transformers"].startswith("5.")
+    assert result["run"]["git"]["sha"] is None or len(result["run"]["git"]["sha"]) == 40
+    samples = (results / result["samples_file"]).read_text().splitlines()
+    assert len(samples) == 16 and all(json.loads(s)["visual_tokens"] == 144 for s in samples)
+
+    before = (results / f"{result['name']}.json").stat().st_mtime_ns
+    again = run_module(*args)
+    assert "result exists, skipping" in again.stdout + again.stderr
+    assert (results / f"{result['name']}.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_lmms_eval_cli_runs_model_tokenprune(tiny_llava_path, tmp_path):
+    out = run_module(
+        "lmms_eval", "--model", "tokenprune",
+        "--model_args", f"model=tiny_llava,reducer=uniform,reducer.keep=64,model.path={tiny_llava_path}",
+        "--tasks", "tp_smoke_pope", "--include_path", str(SMOKE),
+        "--batch_size", "4", "--limit", "4", "--output_path", str(tmp_path),
+    )
+    assert "pope_f1_score" in out.stdout + out.stderr
+    written = list(tmp_path.rglob("*results*.json"))
+    assert written, f"lmms-eval wrote no results under {tmp_path}"
+    assert "pope_f1_score,none" in json.loads(written[0].read_text())["results"]["tp_smoke_pope"]
+
+
+def test_corrupt_image_is_a_counted_failure_and_the_run_goes_on(tiny_llava, tmp_path):
+    from tokenprune.config import compose
+    from tokenprune.eval.runner import run
+
+    cfg = compose([
+        "benchmark.tasks=[tp_smoke_corrupt]",
+        f"benchmark.include_path={PROJECT_ROOT / 'tests' / 'fixtures' / 'smoke_corrupt'}",
+        f"paths.outputs={tmp_path}",
+    ])
+    result = run(cfg, adapter=tiny_llava)
+    assert result["efficiency"]["failed_samples"] == 1 and result["efficiency"]["samples"] == 3
+    (failure,) = result["failures"]
+    assert failure["task"] == "tp_smoke_corrupt" and "image" in failure["failed"].lower()
+    assert "bench/tp_smoke_corrupt/pope_accuracy" in result["metrics"]
+
+
+def test_unknown_task_and_empty_benchmark_are_clear_errors(tiny_llava):
+    from tokenprune.eval.runner import Benchmark, evaluate
+
+    with pytest.raises(ValueError, match="unknown lmms-eval task"):
+        evaluate(tiny_llava, Benchmark(tasks=["no_such_task"], include_path=str(SMOKE)))
+    with pytest.raises(ValueError, match="lists no tasks"):
+        evaluate(tiny_llava, Benchmark(tasks=[]))
