@@ -54,6 +54,10 @@ def test_pool_matches_average_of_cells():
 
 def test_random_is_seeded_sorted_and_seed_dependent():
     t = raster_tokens((24, 24))
-    a, b, c = RandomPrune(keep=100, seed=0)(t), RandomPrune(keep=100, seed=0)(t), RandomPrune(keep=100, seed=1)(t)
+    a, b, c = (
+        RandomPrune(keep=100, seed=0)(t),
+        RandomPrune(keep=100, seed=0)(t),
+        RandomPrune(keep=100, seed=1)(t),
+    )
     assert torch.equal(a.index, b.index) and not torch.equal(a.index, c.index)
     assert torch.equal(a.index[0], a.index[0].sort().values)

@@ -16,7 +16,7 @@ def bind(node) -> None:
     target = get_method(container.pop("_target_"))
     signature = inspect.signature(target)
     signature.bind_partial(**{k: v for k, v in container.items() if not k.startswith("_")})
-    for key, value in node.items():
+    for value in node.values():
         if OmegaConf.is_dict(value) and "_target_" in value:
             bind(value)
 
@@ -39,7 +39,9 @@ def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(MissingConfigException) as error:
         compose(["reducer=prumerge_typo"])
     message = str(error.value)
-    assert "reducer/prumerge_typo" in message and all(name in message for name in ("none", "random", "uniform"))
+    assert "reducer/prumerge_typo" in message and all(
+        name in message for name in ("none", "random", "uniform")
+    )
 
 
 def test_entry_points_compose_the_same_job():

@@ -29,16 +29,30 @@ def only_result(folder: Path) -> dict:
 
 @pytest.mark.slow
 def test_eval_entry_point_writes_result_and_rerun_skips(tiny_llava_path, tmp_path):
-    args = ["tokenprune.eval", "model=tiny_llava", "reducer=random", "benchmark=smoke",
-            f"model.path={tiny_llava_path}", f"paths.outputs={tmp_path}"]
+    args = [
+        "tokenprune.eval",
+        "model=tiny_llava",
+        "reducer=random",
+        "benchmark=smoke",
+        f"model.path={tiny_llava_path}",
+        f"paths.outputs={tmp_path}",
+    ]
     run_module(*args)
     results = tmp_path / "results"
     result = only_result(results)
     assert result["name"].startswith("tiny_llava-random-smoke-none-")
-    assert result["choices"] == {"model": "tiny_llava", "reducer": "random", "benchmark": "smoke", "train": "none"}
+    assert result["choices"] == {
+        "model": "tiny_llava",
+        "reducer": "random",
+        "benchmark": "smoke",
+        "train": "none",
+    }
     assert result["config"]["reducer"]["keep"] == 144
-    assert {"bench/tp_smoke_pope/pope_f1_score", "bench/tp_smoke_pope/pope_accuracy",
-            "bench/tp_smoke_vqa/exact_match"} <= set(result["metrics"])
+    assert {
+        "bench/tp_smoke_pope/pope_f1_score",
+        "bench/tp_smoke_pope/pope_accuracy",
+        "bench/tp_smoke_vqa/exact_match",
+    } <= set(result["metrics"])
     eff = result["efficiency"]
     assert (eff["visual_tokens_mean"], eff["visual_tokens_min"], eff["visual_tokens_max"]) == (144, 144, 144)
     assert eff["samples"] == 16 and eff["failed_samples"] == 0 and eff["wall_time_s"] > 0
@@ -56,10 +70,21 @@ def test_eval_entry_point_writes_result_and_rerun_skips(tiny_llava_path, tmp_pat
 @pytest.mark.slow
 def test_lmms_eval_cli_runs_model_tokenprune(tiny_llava_path, tmp_path):
     out = run_module(
-        "lmms_eval", "--model", "tokenprune",
-        "--model_args", f"model=tiny_llava,reducer=uniform,reducer.keep=64,model.path={tiny_llava_path}",
-        "--tasks", "tp_smoke_pope", "--include_path", str(SMOKE),
-        "--batch_size", "4", "--limit", "4", "--output_path", str(tmp_path),
+        "lmms_eval",
+        "--model",
+        "tokenprune",
+        "--model_args",
+        f"model=tiny_llava,reducer=uniform,reducer.keep=64,model.path={tiny_llava_path}",
+        "--tasks",
+        "tp_smoke_pope",
+        "--include_path",
+        str(SMOKE),
+        "--batch_size",
+        "4",
+        "--limit",
+        "4",
+        "--output_path",
+        str(tmp_path),
     )
     assert "pope_f1_score" in out.stdout + out.stderr
     written = list(tmp_path.rglob("*results*.json"))
@@ -71,11 +96,13 @@ def test_corrupt_image_is_a_counted_failure_and_the_run_goes_on(tiny_llava, tmp_
     from tokenprune.config import compose
     from tokenprune.eval.runner import run
 
-    cfg = compose([
-        "benchmark.tasks=[tp_smoke_corrupt]",
-        f"benchmark.include_path={PROJECT_ROOT / 'tests' / 'fixtures' / 'smoke_corrupt'}",
-        f"paths.outputs={tmp_path}",
-    ])
+    cfg = compose(
+        [
+            "benchmark.tasks=[tp_smoke_corrupt]",
+            f"benchmark.include_path={PROJECT_ROOT / 'tests' / 'fixtures' / 'smoke_corrupt'}",
+            f"paths.outputs={tmp_path}",
+        ]
+    )
     result = run(cfg, adapter=tiny_llava)
     assert result["efficiency"]["failed_samples"] == 1 and result["efficiency"]["samples"] == 3
     (failure,) = result["failures"]

@@ -38,7 +38,9 @@ def test_no_reduction_greedy_generate_equals_plain_hf(tiny_llava_path, tiny_llav
     for question, image in zip(QUESTIONS[:2], random_images(2)):
         inputs = hf_inputs(tiny_llava_path, tiny_llava, question, image)
         with torch.no_grad():
-            want = reference.generate(**inputs, max_new_tokens=10, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+            want = reference.generate(**inputs, max_new_tokens=10, do_sample=False)[
+                :, inputs["input_ids"].shape[1] :
+            ]
         texts, kept = tiny_llava.generate([question], [[image]], max_new_tokens=10)
         assert texts == [tiny_llava.tokenizer.decode(want[0], skip_special_tokens=True).strip()]
         assert kept == [576]
@@ -51,7 +53,11 @@ def test_batch_of_four_answers_like_four_singles(tiny_llava, reducer):
     singles = [tiny_llava.generate([q], [[im]], max_new_tokens=12) for q, im in zip(QUESTIONS, images)]
     texts, kept = tiny_llava.generate(QUESTIONS, [[im] for im in images], max_new_tokens=12)
     assert texts == [s[0][0] for s in singles]
-    assert kept == [s[1][0] for s in singles] == [reducer(tiny_llava.visual_tokens(tiny_llava.preprocess(images[:1]))).lengths.item()] * 4
+    assert (
+        kept
+        == [s[1][0] for s in singles]
+        == [reducer(tiny_llava.visual_tokens(tiny_llava.preprocess(images[:1]))).lengths.item()] * 4
+    )
 
 
 def test_batch_with_different_token_counts(tiny_llava):
@@ -86,8 +92,8 @@ def test_prompt_image_count_mismatch_is_an_error(tiny_llava):
 
 
 def test_missing_checkpoint_says_what_and_how(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found.*huggingface-cli download"):
+    with pytest.raises(FileNotFoundError, match=r"not found.*huggingface-cli download"):
         LlavaAdapter.from_pretrained(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         LlavaAdapter.from_pretrained(str(tmp_path / "empty"))

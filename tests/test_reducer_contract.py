@@ -27,7 +27,9 @@ def tokens(b: int, grid: tuple[int, int], d: int = 16, seed: int = 0, dtype=torc
     n = grid[0] * grid[1]
     generator = torch.Generator().manual_seed(seed + 1000)
     features = torch.randn(b, n, d, generator=generator).to(dtype)
-    return VisualTokens(features=features, grid=grid, signals=clip_like_signals(b, n, d, seed=seed, dtype=dtype))
+    return VisualTokens(
+        features=features, grid=grid, signals=clip_like_signals(b, n, d, seed=seed, dtype=dtype)
+    )
 
 
 def sample(t: VisualTokens, i: int) -> VisualTokens:

@@ -21,7 +21,9 @@ def test_name_is_deterministic_and_ignores_locations():
     b = {**a, "paths": {"outputs": "/b"}}
     c = {**a, "reducer": {"keep": 128}}
     choices = {"model": "tiny_llava", "reducer": "random", "benchmark": "smoke", "train": "none"}
-    assert result_name(a, choices) == result_name(b, choices) == f"tiny_llava-random-smoke-none-{config_hash(a)}"
+    assert (
+        result_name(a, choices) == result_name(b, choices) == f"tiny_llava-random-smoke-none-{config_hash(a)}"
+    )
     assert result_name(c, choices) != result_name(a, choices)
     assert result_name({**a, "run": {"name": "mine"}}, choices) == "mine"
 

@@ -15,7 +15,9 @@ class NeedsSignals(UniformSample):
 
 def eager_reference(path, pixel_values):
     """Hooks on the last CLIP layer's q/k projections in an all-eager model; full 577x577 softmax."""
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    )
     attn = model.model.vision_tower.encoder.layers[-1].self_attn
     captured = {}
     attn.q_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("q", o))
@@ -28,7 +30,9 @@ def eager_reference(path, pixel_values):
 
 
 def test_signals_match_eager_reference(tiny_llava_path):
-    adapter = LlavaAdapter.from_pretrained(tiny_llava_path, reducer=NeedsSignals(keep=8), dtype="float32", device="cpu")
+    adapter = LlavaAdapter.from_pretrained(
+        tiny_llava_path, reducer=NeedsSignals(keep=8), dtype="float32", device="cpu"
+    )
     assert adapter.model.config.vision_config._attn_implementation == "sdpa"
     pixel_values = adapter.preprocess(random_images(3))
     with torch.no_grad():

@@ -61,7 +61,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_result(path: str | os.PathLike, result: Mapping[str, Any]) -> Path:
-    return atomic_write_text(path, json.dumps({"schema": SCHEMA, **result}, indent=2, sort_keys=False, default=str))
+    return atomic_write_text(
+        path, json.dumps({"schema": SCHEMA, **result}, indent=2, sort_keys=False, default=str)
+    )
 
 
 def write_samples(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
@@ -71,7 +73,9 @@ def write_samples(path: str | os.PathLike, records: Iterable[Mapping[str, Any]])
 def read_result(path: str | os.PathLike) -> dict[str, Any]:
     result = json.loads(Path(path).read_text(encoding="utf-8"))
     if result.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a tokenprune result file (schema {result.get('schema')!r}, want {SCHEMA!r})")
+        raise ValueError(
+            f"{path} is not a tokenprune result file (schema {result.get('schema')!r}, want {SCHEMA!r})"
+        )
     return result
 
 
@@ -112,7 +116,9 @@ def git_state() -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+            out = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip()

@@ -31,7 +31,9 @@ class VisualTokens:
 
     def __post_init__(self) -> None:
         if self.features.dim() != 3:
-            raise ValueError(f"VisualTokens.features must be [B, N, D], got shape {tuple(self.features.shape)}")
+            raise ValueError(
+                f"VisualTokens.features must be [B, N, D], got shape {tuple(self.features.shape)}"
+            )
         h, w = self.grid
         if h * w != self.features.shape[1]:
             raise ValueError(f"grid {self.grid} does not match N={self.features.shape[1]} patches")

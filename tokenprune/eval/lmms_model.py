@@ -46,7 +46,9 @@ class TokenPruneLMM(lmms):
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers: list[str] = [""] * len(requests)
-        batches = _batches(list(enumerate(requests)), self.batch_size, key=lambda item: _gen_key(item[1].args[1]))
+        batches = _batches(
+            list(enumerate(requests)), self.batch_size, key=lambda item: _gen_key(item[1].args[1])
+        )
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="tokenprune generate")
         for batch in batches:
             samples, loaded = [], []
@@ -54,7 +56,9 @@ class TokenPruneLMM(lmms):
                 context, _gen_kwargs, doc_to_visual, doc_id, task, split = request.args
                 images, failure = self._load_visuals(doc_to_visual, task, split, doc_id)
                 if failure is not None:
-                    self.records.append({"task": task, "doc_id": doc_id, "failed": failure, "visual_tokens": 0})
+                    self.records.append(
+                        {"task": task, "doc_id": doc_id, "failed": failure, "visual_tokens": 0}
+                    )
                     continue
                 samples.append((position, context, images, task, doc_id))
             if samples:
@@ -64,20 +68,27 @@ class TokenPruneLMM(lmms):
                 )
                 for (position, _c, _i, task, doc_id), text, tokens in zip(samples, texts, kept):
                     answers[position] = _truncate(text, gen_kwargs.get("until"))
-                    loaded.append({"task": task, "doc_id": doc_id, "visual_tokens": tokens, "answer": answers[position]})
+                    loaded.append(
+                        {"task": task, "doc_id": doc_id, "visual_tokens": tokens, "answer": answers[position]}
+                    )
             self.records.extend(loaded)
             progress.update(len(batch))
         progress.close()
         return answers
 
-    def _load_visuals(self, doc_to_visual: Callable, task: str, split: str, doc_id: int) -> tuple[list, str | None]:
+    def _load_visuals(
+        self, doc_to_visual: Callable, task: str, split: str, doc_id: int
+    ) -> tuple[list, str | None]:
         """The request's images, fully decoded; or the reason they could not be read."""
         try:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
             images = []
             for visual in visuals:
                 if not isinstance(visual, Image.Image):
-                    return [], f"unsupported visual of type {type(visual).__name__} (this adapter takes images)"
+                    return (
+                        [],
+                        f"unsupported visual of type {type(visual).__name__} (this adapter takes images)",
+                    )
                 visual.load()
                 images.append(visual.convert("RGB"))
             return images, None
@@ -85,7 +96,9 @@ class TokenPruneLMM(lmms):
             return [], f"{type(error).__name__}: {error}"
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError("tokenprune evaluates generation tasks; loglikelihood tasks are not supported yet")
+        raise NotImplementedError(
+            "tokenprune evaluates generation tasks; loglikelihood tasks are not supported yet"
+        )
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("tokenprune does not support multi-round generation tasks yet")

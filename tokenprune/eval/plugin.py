@@ -2,4 +2,6 @@
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-MANIFESTS = (ModelManifest(model_id="tokenprune", simple_class_path="tokenprune.eval.lmms_model.TokenPruneLMM"),)
+MANIFESTS = (
+    ModelManifest(model_id="tokenprune", simple_class_path="tokenprune.eval.lmms_model.TokenPruneLMM"),
+)

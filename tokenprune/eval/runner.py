@@ -45,7 +45,9 @@ def evaluate(adapter: Any, benchmark: Benchmark, seed: int = 0) -> dict[str, Any
         {"metrics": {"bench/<task>/<metric>": value}, "samples": per-request records,
          "failures": [...], "efficiency": {...}}
     """
-    os.environ.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))  # some tasks read it at import
+    os.environ.setdefault(
+        "HF_HOME", str(Path.home() / ".cache" / "huggingface")
+    )  # some tasks read it at import
     os.environ.setdefault("LOGURU_LEVEL", "INFO")  # lmms-eval's task indexing logs thousands of DEBUG lines
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
@@ -55,13 +57,20 @@ def evaluate(adapter: Any, benchmark: Benchmark, seed: int = 0) -> dict[str, Any
     if not benchmark.tasks:
         raise ValueError("the benchmark lists no tasks: set benchmark.tasks=[...] (lmms-eval task names)")
     if benchmark.include_path is not None and not Path(benchmark.include_path).is_dir():
-        raise FileNotFoundError(f"benchmark.include_path {benchmark.include_path} is not a folder of task YAMLs")
+        raise FileNotFoundError(
+            f"benchmark.include_path {benchmark.include_path} is not a folder of task YAMLs"
+        )
     task_manager = TaskManager(include_path=benchmark.include_path)
     unknown = [t for t in benchmark.tasks if t not in task_manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown lmms-eval task(s) {unknown}; check the names (lmms-eval --tasks list) or include_path")
+        raise ValueError(
+            f"unknown lmms-eval task(s) {unknown}; check the names (lmms-eval --tasks list) or include_path"
+        )
     lm = TokenPruneLMM(adapter=adapter, batch_size=benchmark.batch_size)
-    tasks = [{"task": t, **benchmark.task_overrides[t]} if t in benchmark.task_overrides else t for t in benchmark.tasks]
+    tasks = [
+        {"task": t, **benchmark.task_overrides[t]} if t in benchmark.task_overrides else t
+        for t in benchmark.tasks
+    ]
     output = simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -111,7 +120,9 @@ def flatten_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return flat
 
 
-def run(cfg: DictConfig, train_metrics: dict[str, float] | None = None, adapter: Any = None) -> dict[str, Any]:
+def run(
+    cfg: DictConfig, train_metrics: dict[str, float] | None = None, adapter: Any = None
+) -> dict[str, Any]:
     """Evaluate the composed config and write its result file; returns the result.
 
     A finished result with the same deterministic name is returned as it is (set run.overwrite=true
@@ -154,8 +165,11 @@ def run(cfg: DictConfig, train_metrics: dict[str, float] | None = None, adapter:
 def summary(result: dict[str, Any]) -> str:
     """A short human-readable table of a result."""
     eff = result["efficiency"]
-    lines = [f"result {result['name']}", f"  visual tokens kept: mean {eff['visual_tokens_mean']} "
-             f"(min {eff['visual_tokens_min']}, max {eff['visual_tokens_max']}); "
-             f"samples {eff['samples']}, failed {eff['failed_samples']}; {eff['wall_time_s']} s"]
+    lines = [
+        f"result {result['name']}",
+        f"  visual tokens kept: mean {eff['visual_tokens_mean']} "
+        f"(min {eff['visual_tokens_min']}, max {eff['visual_tokens_max']}); "
+        f"samples {eff['samples']}, failed {eff['failed_samples']}; {eff['wall_time_s']} s",
+    ]
     lines += [f"  {key:<48} {value:.4f}" for key, value in sorted(result["metrics"].items())]
     return "\n".join(lines)

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -33,7 +38,9 @@ def resolve_checkpoint(path: str, build: str | None) -> str:
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").exists():
-            raise FileNotFoundError(f"{local} exists but holds no config.json: not a Hugging Face checkpoint folder")
+            raise FileNotFoundError(
+                f"{local} exists but holds no config.json: not a Hugging Face checkpoint folder"
+            )
         return str(local)
     if path.startswith(("/", ".", "~")) or path.count("/") != 1:
         raise FileNotFoundError(

@@ -56,9 +56,13 @@ class LlavaAdapter:
 
     family = "llava"
 
-    def __init__(self, model, processor, reducer: Reducer | None = None, prompt: str = LLAVA15_PROMPT) -> None:
+    def __init__(
+        self, model, processor, reducer: Reducer | None = None, prompt: str = LLAVA15_PROMPT
+    ) -> None:
         config = model.config
-        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+        if config.vision_feature_select_strategy != "default" or not isinstance(
+            config.vision_feature_layer, int
+        ):
             raise ValueError(
                 "LlavaAdapter supports vision_feature_select_strategy='default' with one vision_feature_layer "
                 f"(LLaVA-1.5); got {config.vision_feature_select_strategy!r}, {config.vision_feature_layer!r}"
@@ -73,7 +77,9 @@ class LlavaAdapter:
         side = vision.image_size // vision.patch_size
         self.grid = (side, side)
         if self.tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json")
+            raise ValueError(
+                "the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json"
+            )
 
     @classmethod
     def from_pretrained(
@@ -170,7 +176,9 @@ class LlavaAdapter:
     def format_prompt(self, question: str, n_images: int) -> str:
         return self.prompt.format(images="<image>\n" * n_images, question=question)
 
-    def splice(self, prompts: Sequence[str], counts: Sequence[Sequence[int]], features: list[torch.Tensor]) -> ModelInputs:
+    def splice(
+        self, prompts: Sequence[str], counts: Sequence[Sequence[int]], features: list[torch.Tensor]
+    ) -> ModelInputs:
         """Tokenize prompts and give image j of sample b exactly counts[b][j] placeholders.
 
         Args:
@@ -183,7 +191,9 @@ class LlavaAdapter:
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
             if len(slots) != len(sample_counts):
-                raise ValueError(f"prompt has {len(slots)} <image> tokens but {len(sample_counts)} images: {prompt!r}")
+                raise ValueError(
+                    f"prompt has {len(slots)} <image> tokens but {len(sample_counts)} images: {prompt!r}"
+                )
             remaining = iter(sample_counts)
             expanded: list[int] = []
             for token in ids:

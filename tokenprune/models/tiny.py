@@ -67,7 +67,9 @@ def train_tokenizer(vocab_size: int = 512):
     )
 
 
-def build_tiny_llava(path: str | os.PathLike, seed: int = 0, patch_grid: int = 24, patch_size: int = 4) -> Path:
+def build_tiny_llava(
+    path: str | os.PathLike, seed: int = 0, patch_grid: int = 24, patch_size: int = 4
+) -> Path:
     """Write a tiny random `LlavaForConditionalGeneration` (CLIP + Llama) with processor to `path`.
 
     The vision tower has a `patch_grid` x `patch_grid` patch grid (24 x 24, like CLIP-L/336) and

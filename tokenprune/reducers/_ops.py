@@ -15,7 +15,9 @@ def resolve_budget(n: int, keep: int | None, ratio: float | None) -> int:
     A budget at or above `n` means keep everything.
     """
     if (keep is None) == (ratio is None):
-        raise ValueError(f"give exactly one of keep= (a count) or ratio= (a fraction); got keep={keep}, ratio={ratio}")
+        raise ValueError(
+            f"give exactly one of keep= (a count) or ratio= (a fraction); got keep={keep}, ratio={ratio}"
+        )
     if keep is not None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")

@@ -117,7 +117,9 @@ class AvgPool:
         plane = tokens.features.transpose(1, 2).reshape(b, d, h, w)  # [B, D, H, W]
         pooled = F.adaptive_avg_pool2d(plane, (rows, cols)).flatten(2).transpose(1, 2)  # [B, rows*cols, D]
         device = tokens.features.device
-        centre = (cell_centres(rows, h, device)[:, None] * w + cell_centres(cols, w, device)[None, :]).flatten()
+        centre = (
+            cell_centres(rows, h, device)[:, None] * w + cell_centres(cols, w, device)[None, :]
+        ).flatten()
         index = centre.expand(b, -1)  # [B, rows*cols]
         lengths = torch.full((b,), rows * cols, device=device, dtype=torch.long)
         return Reduced(features=pooled, index=index, lengths=lengths)
