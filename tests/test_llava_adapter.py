@@ -97,3 +97,49 @@ def test_missing_checkpoint_says_what_and_how(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         LlavaAdapter.from_pretrained(str(tmp_path / "empty"))
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each sample's labelled positions [B]."""
+    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        shifted.transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    return (losses * (targets != -100)).sum(-1) / (targets != -100).sum(-1)
+
+
+def test_labels_cover_only_answers_and_batch_losses_match_singles(tiny_llava):
+    """Teacher-forced forward with different visual counts per sample: per-sample losses as alone."""
+    tiny_llava.reducer = UniformSample(keep=30)
+    images = random_images(3, seed=4)
+    samples = [[images[0]], [images[1], images[2]], []]
+    questions, answers = ["What color?", "Same shape?", "Say yes."], ["red", "no, one is a square", "yes"]
+    inputs = tiny_llava.prepare(questions, samples, answers=answers)
+    assert inputs.visual_tokens == [30, 60, 0]
+    for b, answer in enumerate(answers):
+        labelled = inputs.labels[b][inputs.labels[b] != -100].tolist()
+        assert labelled == tiny_llava._answer_ids(answer)
+        assert labelled[-1] == tiny_llava.tokenizer.eos_token_id
+        assert torch.equal(inputs.input_ids[b, -len(labelled) :], torch.tensor(labelled))
+    with torch.no_grad():
+        batched = per_sample_loss(tiny_llava.model(**inputs.as_kwargs()).logits, inputs.labels)
+        singles = []
+        for q, s, a in zip(questions, samples, answers):
+            one = tiny_llava.prepare([q], [s], answers=[a])
+            out = tiny_llava.model(**one.as_kwargs())
+            singles.append(per_sample_loss(out.logits, one.labels))
+            torch.testing.assert_close(out.loss, singles[-1][0])  # HF's own loss agrees
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_projector_through_reduced_tokens(tiny_llava):
+    tiny_llava.reducer = UniformSample(keep=20)
+    inputs = tiny_llava.prepare(["What color?"], [random_images(1)], answers=["red"])
+    tiny_llava.model(**inputs.as_kwargs()).loss.backward()
+    grad = tiny_llava.model.model.multi_modal_projector.linear_1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_hub_id_missing_from_cache_says_how_to_fetch():
+    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download llava-hf/llava-1\.5-7b-hf"):
+        LlavaAdapter.from_pretrained("llava-hf/llava-1.5-7b-hf", device="cpu")

@@ -41,14 +41,18 @@ class ModelInputs:
     position_ids: torch.Tensor  # [B, L]
     mm_encoder_outputs: dict[str, BaseModelOutputWithPooling]
     visual_tokens: list[int]  # per sample: visual tokens given to the LLM
+    labels: torch.Tensor | None = None  # [B, L] answer token ids, -100 elsewhere
 
     def as_kwargs(self) -> dict:
-        return {
+        kwargs = {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
             "position_ids": self.position_ids,
             "mm_encoder_outputs": self.mm_encoder_outputs,
         }
+        if self.labels is not None:
+            kwargs["labels"] = self.labels
+        return kwargs
 
 
 class LlavaAdapter:
@@ -177,7 +181,11 @@ class LlavaAdapter:
         return self.prompt.format(images="<image>\n" * n_images, question=question)
 
     def splice(
-        self, prompts: Sequence[str], counts: Sequence[Sequence[int]], features: list[torch.Tensor]
+        self,
+        prompts: Sequence[str],
+        counts: Sequence[Sequence[int]],
+        features: list[torch.Tensor],
+        answers: Sequence[str] | None = None,
     ) -> ModelInputs:
         """Tokenize prompts and give image j of sample b exactly counts[b][j] placeholders.
 
@@ -185,41 +193,65 @@ class LlavaAdapter:
             prompts: one string per sample with one "<image>" per image.
             counts: per sample, the kept token count of each of its images.
             features: per image (flat, in sample order) [k_i, D_llm].
+            answers: per sample, the assistant's reply for teacher forcing; it is appended
+                (" " + answer + eos) and is the only part with labels (-100 elsewhere).
         """
-        rows = []
-        for prompt, sample_counts in zip(prompts, counts):
+        rows, targets = [], []
+        for b, (prompt, sample_counts) in enumerate(zip(prompts, counts)):
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
-            if len(slots) != len(sample_counts):
+            slots = sum(token == self.image_token_id for token in ids)
+            if slots != len(sample_counts):
                 raise ValueError(
-                    f"prompt has {len(slots)} <image> tokens but {len(sample_counts)} images: {prompt!r}"
+                    f"prompt has {slots} <image> tokens but {len(sample_counts)} images: {prompt!r}"
                 )
             remaining = iter(sample_counts)
             expanded: list[int] = []
             for token in ids:
                 expanded.extend([token] * next(remaining) if token == self.image_token_id else [token])
-            rows.append(expanded)
-        return self._pad(rows, [sum(c) for c in counts], features)
+            answer = [] if answers is None else self._answer_ids(answers[b])
+            rows.append(expanded + answer)
+            targets.append([-100] * len(expanded) + answer)
+        return self._pad(rows, [sum(c) for c in counts], features, targets if answers is not None else None)
 
-    def _pad(self, rows: list[list[int]], visual: list[int], features: list[torch.Tensor]) -> ModelInputs:
+    def _answer_ids(self, answer: str) -> list[int]:
+        return [
+            *self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"],
+            self.tokenizer.eos_token_id,
+        ]
+
+    def _pad(
+        self,
+        rows: list[list[int]],
+        visual: list[int],
+        features: list[torch.Tensor],
+        targets: list[list[int]] | None,
+    ) -> ModelInputs:
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)  # [B, L]
-        attention_mask = torch.tensor(
-            [[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device
-        )  # [B, L]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-        outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)} if features else {}
-        return ModelInputs(input_ids, attention_mask, position_ids, outputs, visual)
 
-    def prepare(self, questions: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> ModelInputs:
-        """Questions and their images -> the reduced, spliced LLM inputs."""
+        def left_pad(values: list[list[int]], fill: int) -> torch.Tensor:
+            return torch.tensor([[fill] * (width - len(v)) + v for v in values], device=self.device)
+
+        input_ids = left_pad(rows, pad)  # [B, L]
+        attention_mask = left_pad([[1] * len(r) for r in rows], 0)  # [B, L]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        labels = None if targets is None else left_pad(targets, -100)  # [B, L]
+        outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)} if features else {}
+        return ModelInputs(input_ids, attention_mask, position_ids, outputs, visual, labels)
+
+    def prepare(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Sequence[Image.Image]],
+        answers: Sequence[str] | None = None,
+    ) -> ModelInputs:
+        """Questions and their images (and answers, for training) -> the reduced, spliced LLM inputs."""
         flat = [image for sample in images for image in sample]
         encoded = self.encode_images(self.preprocess(flat)) if flat else EncodedImages([], [], self.grid)
         kept = iter([f.shape[0] for f in encoded.features])
         counts = [[next(kept) for _ in sample] for sample in images]
         prompts = [self.format_prompt(q, len(sample)) for q, sample in zip(questions, images)]
-        return self.splice(prompts, counts, encoded.features)
+        return self.splice(prompts, counts, encoded.features, answers)
 
     @torch.inference_mode()
     def generate(
