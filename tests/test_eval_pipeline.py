@@ -117,3 +117,23 @@ def test_unknown_task_and_empty_benchmark_are_clear_errors(tiny_llava):
         evaluate(tiny_llava, Benchmark(tasks=["no_such_task"], include_path=str(SMOKE)))
     with pytest.raises(ValueError, match="lists no tasks"):
         evaluate(tiny_llava, Benchmark(tasks=[]))
+
+
+def test_model_object_survives_two_evaluations(tiny_llava):
+    """lmms-eval calls lm.clean() after each run; ours keeps the model so the object is reusable."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from tokenprune.eval.lmms_model import TokenPruneLMM
+
+    lm = TokenPruneLMM(adapter=tiny_llava, batch_size=4)
+    manager = TaskManager(include_path=str(SMOKE))
+    first = simple_evaluate(
+        model=lm, tasks=["tp_smoke_pope"], limit=2, task_manager=manager, bootstrap_iters=0
+    )
+    second = simple_evaluate(
+        model=lm, tasks=["tp_smoke_pope"], limit=2, task_manager=manager, bootstrap_iters=0
+    )
+    assert lm.adapter.model is tiny_llava.model
+    assert first["results"]["tp_smoke_pope"] == second["results"]["tp_smoke_pope"]
+    assert [r["answer"] for r in lm.records[:2]] == [r["answer"] for r in lm.records[2:]]
