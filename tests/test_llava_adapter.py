@@ -143,3 +143,19 @@ def test_gradients_reach_projector_through_reduced_tokens(tiny_llava):
 def test_hub_id_missing_from_cache_says_how_to_fetch():
     with pytest.raises(FileNotFoundError, match=r"huggingface-cli download llava-hf/llava-1\.5-7b-hf"):
         LlavaAdapter.from_pretrained("llava-hf/llava-1.5-7b-hf", device="cpu")
+
+
+def test_pad_aspect_pads_to_square_with_mean_colour(tiny_llava_path):
+    """image_aspect=pad equals the HF processor on the image centred on a mean-colour square."""
+    from PIL import Image
+
+    adapter = LlavaAdapter.from_pretrained(tiny_llava_path, dtype="float32", device="cpu", image_aspect="pad")
+    image = random_images(3)[2]  # 120 x 64
+    processor = AutoProcessor.from_pretrained(tiny_llava_path).image_processor
+    mean = tuple(round(c * 255) for c in processor.image_mean)
+    square = Image.new("RGB", (120, 120), mean)
+    square.paste(image, (0, 28))
+    want = processor([square], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(adapter.preprocess([image]), want)
+    crop = LlavaAdapter.from_pretrained(tiny_llava_path, dtype="float32", device="cpu", image_aspect="crop")
+    assert not torch.allclose(crop.preprocess([image]), want)

@@ -20,7 +20,13 @@ from tokenprune.models.signals import clip_cls_attention
 from tokenprune.reducers.baselines import NoReduction
 from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, VisualTokens
 
-LLAVA15_PROMPT = "USER: {images}{question} ASSISTANT:"
+# LLaVA-1.5's vicuna_v1 conversation format, as its training and eval scripts render it.
+LLAVA15_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+LLAVA15_PROMPT = LLAVA15_SYSTEM + " USER: {images}{question} ASSISTANT:"
+IMAGE_ASPECTS = ("pad", "crop")
 
 
 @dataclass
@@ -61,8 +67,15 @@ class LlavaAdapter:
     family = "llava"
 
     def __init__(
-        self, model, processor, reducer: Reducer | None = None, prompt: str = LLAVA15_PROMPT
+        self,
+        model,
+        processor,
+        reducer: Reducer | None = None,
+        prompt: str = LLAVA15_PROMPT,
+        image_aspect: str = "crop",
     ) -> None:
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
         config = model.config
         if config.vision_feature_select_strategy != "default" or not isinstance(
             config.vision_feature_layer, int
@@ -76,6 +89,7 @@ class LlavaAdapter:
         self.tokenizer = processor.tokenizer
         self.reducer = reducer if reducer is not None else NoReduction()
         self.prompt = prompt
+        self.image_aspect = image_aspect
         self.image_token_id = config.image_token_id
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
@@ -94,6 +108,7 @@ class LlavaAdapter:
         attn_implementation: str = "sdpa",
         device: str = "auto",
         prompt: str = LLAVA15_PROMPT,
+        image_aspect: str = "crop",
         build: str | None = None,
     ) -> LlavaAdapter:
         """Load a LLaVA checkpoint (local folder or hub id in the HF cache).
@@ -105,6 +120,9 @@ class LlavaAdapter:
             attn_implementation: sdpa | flash_attention_2 | eager (for the whole model).
             device: auto | cpu | cuda | cuda:N.
             prompt: the conversation format; `{images}` becomes one "<image>\\n" per image.
+            image_aspect: "pad" pads each image to a square with the processor's mean colour
+                before resizing (LLaVA-1.5's `image_aspect_ratio=pad`, used in its training and
+                most of its evals); "crop" is the HF processor's resize + centre crop.
             build: name of a tiny test model to build at `path` when it is missing (tokenprune.models.tiny).
         """
         from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -118,7 +136,7 @@ class LlavaAdapter:
         except OSError as error:
             raise hub_error(path, error) from error
         model.to(resolve_device(device)).eval()
-        return cls(model, processor, reducer=reducer, prompt=prompt)
+        return cls(model, processor, reducer=reducer, prompt=prompt, image_aspect=image_aspect)
 
     # ------------------------------------------------------------------ vision side
     @property
@@ -127,9 +145,10 @@ class LlavaAdapter:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel_values [I, 3, S, S] on the model's device and dtype."""
-        pixel_values = self.processor.image_processor(
-            [image.convert("RGB") for image in images], return_tensors="pt"
-        )["pixel_values"]
+        images = [image.convert("RGB") for image in images]
+        if self.image_aspect == "pad":
+            images = [pad_to_square(image, self.processor.image_processor.image_mean) for image in images]
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return pixel_values.to(self.device, self.model.dtype)
 
     def visual_tokens(self, pixel_values: torch.Tensor) -> VisualTokens:
@@ -276,3 +295,14 @@ class LlavaAdapter:
         new_tokens = output[:, inputs.input_ids.shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [t.strip() for t in texts], inputs.visual_tokens
+
+
+def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
+    """Centre `image` on a square canvas of its longer side filled with the mean colour (LLaVA's expand2square)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(round(c * 255) for c in mean))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
