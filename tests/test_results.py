@@ -50,3 +50,12 @@ def test_write_read_collect(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"name": "c"}))
     with pytest.raises(ValueError, match="not a tokenprune result"):
         read_result(tmp_path / "c.json")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,121 @@
+"""`python -m tokenprune.visualize model=... reducer=... image=PATH`: draw what a reducer keeps.
+
+The PNG shows the image as the model sees it (after padding/cropping and resizing), each kept
+patch outlined, the patches merged into each kept token tinted in that token's colour (for
+reducers that merge, such as PruMerge), and the kept count in the title.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from tokenprune.config import CONFIG_DIR, choices, register_resolvers
+from tokenprune.results import atomic_write_bytes
+
+register_resolvers()
+HEADER = 22  # title bar height in pixels
+
+
+def kept_and_merged(adapter: Any, image: Image.Image) -> tuple[torch.Tensor, list[torch.Tensor], int, bool]:
+    """Kept patch ids [M] in output order, the patches merged into each, N, and whether an extra token exists."""
+    with torch.no_grad():
+        tokens = adapter.visual_tokens(adapter.preprocess([image]))
+        n = tokens.features.shape[1]
+        reducer = adapter.reducer
+        reduced = reducer(tokens)
+        length = int(reduced.lengths[0])
+        index = reduced.index[0, :length]
+        kept = index[index >= 0]
+        if hasattr(reducer, "plan"):
+            plan = reducer.plan(tokens)
+            m = int(plan.kept[0])
+            merged = (
+                [plan.neighbours[0, i] for i in range(m)] if getattr(reducer, "merge", "") != "none" else []
+            )
+        else:
+            merged = []
+    return kept, merged, n, bool((index < 0).any())
+
+
+def model_view(adapter: Any, image: Image.Image) -> Image.Image:
+    """The preprocessed image, de-normalised back to RGB."""
+    pixels = adapter.preprocess([image])[0].float().cpu()  # [3, S, S]
+    processor = adapter.processor.image_processor
+    mean = torch.tensor(processor.image_mean)[:, None, None]
+    std = torch.tensor(processor.image_std)[:, None, None]
+    rgb = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(rgb)
+
+
+def draw(view: Image.Image, grid: tuple[int, int], kept, merged, n: int, extra: bool, title: str, scale: int):
+    rows, cols = grid
+    canvas = view.resize((view.width * scale, view.height * scale), Image.NEAREST).convert("RGBA")
+    cell_w, cell_h = canvas.width / cols, canvas.height / rows
+    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    pen = ImageDraw.Draw(overlay)
+
+    def box(patch: int) -> tuple[float, float, float, float]:
+        r, c = divmod(int(patch), cols)
+        return c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1
+
+    colours = [
+        tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / max(1, len(kept)), 0.9, 1.0))
+        for i in range(len(kept))
+    ]
+    for colour, neighbours in zip(colours, merged):
+        for patch in neighbours.tolist():
+            pen.rectangle(box(patch), fill=(*colour, 70))
+    for colour, patch in zip(colours, kept.tolist()):
+        pen.rectangle(box(patch), outline=(*colour, 255), width=max(1, scale))
+    canvas = Image.alpha_composite(canvas, overlay)
+    header = Image.new("RGBA", (canvas.width, HEADER), (255, 255, 255, 255))
+    label = f"{title}: {len(kept)}{' + 1 merged extra' if extra else ''} of {n} tokens"
+    ImageDraw.Draw(header).text((4, 5), label, fill=(0, 0, 0, 255))
+    out = Image.new("RGB", (canvas.width, canvas.height + header.height), "white")
+    out.paste(header.convert("RGB"), (0, 0))
+    out.paste(canvas.convert("RGB"), (0, header.height))
+    return out
+
+
+def run(cfg: DictConfig) -> Path:
+    """Reduce one image with the configured model and reducer and write the drawing; returns its path."""
+    from hydra.utils import instantiate
+
+    source = Path(cfg.image).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"image={source} does not exist; give a path to an image file")
+    try:
+        image = Image.open(source).convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"image={source} is not a readable image ({error})") from error
+    adapter = instantiate(cfg.model, reducer=instantiate(cfg.reducer))
+    reducer_name = choices().get("reducer", type(adapter.reducer).__name__)
+    kept, merged, n, extra = kept_and_merged(adapter, image)
+    picture = draw(model_view(adapter, image), adapter.grid, kept, merged, n, extra, reducer_name, cfg.scale)
+    output = (
+        Path(cfg.output)
+        if cfg.output
+        else Path(cfg.paths.outputs) / "visualize" / f"{source.stem}-{reducer_name}.png"
+    )
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    atomic_write_bytes(output, buffer.getvalue())
+    print(f"wrote {output} ({len(kept)} kept of {n})")
+    return output
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="visualize", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
