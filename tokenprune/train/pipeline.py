@@ -2,15 +2,73 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from tokenprune.config import choices
+from tokenprune.results import config_hash, read_result, result_name
+
+log = logging.getLogger(__name__)
+
+# train.* keys that say how to run or where to write, not what is trained: not part of the stage's id.
+_RUN_ONLY_KEYS = ("adapter", "resume", "output_dir", "logger")
+
+
+def stage_dir(cfg: DictConfig) -> Path:
+    """The training stage's folder: train.output_dir, or outputs/train/<model>-<reducer>-<train>-<hash>.
+
+    The hash covers what is trained (model, reducer, train settings, seed), not the benchmark, so
+    evaluating a trained stage on another benchmark reuses it, and a rerun resumes it.
+    """
+    if cfg.train.get("output_dir"):
+        return Path(cfg.train.output_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    train = {k: v for k, v in resolved["train"].items() if k not in _RUN_ONLY_KEYS}
+    what = {
+        "model": resolved["model"],
+        "reducer": resolved["reducer"],
+        "train": train,
+        "seed": resolved["seed"],
+    }
+    picked = choices()
+    name = "-".join([*(picked.get(g, "custom") for g in ("model", "reducer", "train")), config_hash(what)])
+    return Path(cfg.paths.outputs) / "train" / name
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit when `train` names a stage, then evaluate (tokenprune.eval.runner.run)."""
+    """Fit when `train` names a stage (has a `_target_`), then evaluate (tokenprune.eval.runner.run).
+
+    The result file holds the stage's `train/*` metrics beside `bench/*`. The evaluated model is
+    loaded fresh and given the saved adapter (as a later `tokenprune.eval train.adapter=...` run
+    would). After a DDP fit started by Lightning only rank 0 evaluates; the other ranks return {}.
+    """
+    from hydra.utils import instantiate
+
     from tokenprune.eval.runner import run as evaluate
 
-    if cfg.get("train"):
-        raise NotImplementedError(f"training stage {cfg.train} is not implemented yet; use train=none")
-    return evaluate(cfg)
+    train = cfg.get("train")
+    if not train or "_target_" not in train:
+        return evaluate(cfg)
+    if train.get("adapter"):
+        log.info("train.adapter is set: evaluating %s without fitting", train.adapter)
+        return evaluate(cfg)
+    path = (
+        Path(cfg.paths.results) / f"{result_name(OmegaConf.to_container(cfg, resolve=True), choices())}.json"
+    )
+    if path.exists() and not cfg.run.overwrite:
+        log.info("result exists, skipping fit and evaluation (run.overwrite=true to redo): %s", path)
+        return read_result(path)
+
+    def build_adapter(dtype: str | None) -> Any:
+        overrides = {"dtype": dtype} if dtype else {}
+        return instantiate(cfg.model, reducer=instantiate(cfg.reducer), **overrides)
+
+    stage = instantiate(cfg.train)
+    outcome = stage.fit(build_adapter, stage_dir(cfg), seed=cfg.seed)
+    if not outcome.evaluates:  # another rank, or stopped early (a rerun resumes)
+        return {}
+    adapter = stage.load_trained(build_adapter(None), outcome.adapter_dir)
+    return evaluate(cfg, train_metrics=outcome.metrics, adapter=adapter)
