@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -57,6 +57,20 @@ class Reduced:
     def unpad(self) -> list[torch.Tensor]:
         """Per-sample valid tokens, each [lengths[b], D] (one host sync for the lengths)."""
         return [f[:n] for f, n in zip(self.features, self.lengths.tolist())]
+
+
+@dataclass
+class Video:
+    """A video as its sampled frames, for adapters that take video input (Qwen2-VL, LLaVA-OneVision).
+
+    Attributes:
+        frames: the frames in temporal order: a list of PIL images, or a [T, H, W, 3] uint8 array or tensor.
+        fps: frames per second of the *sampled* frames (None: the adapter's default); Qwen2.5-VL
+            spaces its temporal positions by it.
+    """
+
+    frames: Any
+    fps: float | None = None
 
 
 @runtime_checkable

@@ -1,0 +1,475 @@
+"""Adapter for LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`: SigLIP + 2-layer MLP + Qwen2).
+
+Adapter decisions (docs/models.md):
+
+* **Reduction point: the packed grid, per view.** LLaVA-OneVision encodes a single image as a
+  base crop (the whole image at 384 px) plus anyres tiles; it packs the tiles into one
+  high-resolution canvas, cuts the padding (`unpad`), bilinearly shrinks a canvas larger than
+  `anyres_max_9` and ends every canvas row with a learned newline token. The reducer sees each
+  image as up to two views: the **base view** (its grid, e.g. 27x27) and the **canvas view** (the
+  unpadded, shrunk canvas, its grid e.g. 54x41): the tokens the LLM would get, so a budget means
+  what the LLM receives and PruMerge's outliers are found over the whole canvas, not per tile.
+  Images of a multi-image sample are base views only (as the model does); a video frame is one
+  view, its 2x2 bilinearly pooled grid (as `get_video_features`). Views of one grid are reduced in
+  one batched call.
+* **Space.** `space="llm"` reducers get the model's own packed projected tokens (without newlines).
+  `space="vision"` reducers get SigLIP features arranged the same way; where the model shrinks or
+  pools *after* the projector, the adapter does it to the vision features before it (the same
+  bilinear maps; not bit-equal to the model's order for the canvas of a very large image and for
+  video frames). A view the reducer returns unchanged (`none`, keep-all budgets) is packed exactly
+  as the model packs it.
+* **Newlines.** An unchanged canvas keeps a newline after every row; a reduced canvas view is its
+  kept tokens followed by one newline (rows no longer exist). Base-only images and videos end with
+  one newline, as in the model. The visual token count per sample includes the newlines.
+* **Signals.** SigLIP has no CLS token: `vit_cls_attn` is the mean attention each patch receives in
+  the layer that produces the features (the last one: all heads and queries of its crop or frame;
+  `tokenprune.models.signals.siglip_attention`), `vit_keys` that layer's keys. On a canvas they are
+  packed like the features (per-tile attention, then cut and shrunk); a shrunk or pooled attention
+  map is rescaled to keep its total, so a merged token weighs what it covers.
+* Positions are the usual 1-D ones (`generate` derives them from the attention mask).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
+from tokenprune.models._views import (
+    ReducedView,
+    SplicedInputs,
+    View,
+    generated_lengths,
+    left_pad,
+    reduce_views,
+    video_frames,
+)
+from tokenprune.models.signals import siglip_attention
+from tokenprune.reducers.baselines import NoReduction
+from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
+
+OV_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n{images}{question}<|im_end|>\n<|im_start|>assistant\n"
+)
+IMAGE_MARKER = "<image>\n"
+VIDEO_MARKER = "<video>\n"
+
+
+@dataclass
+class Crops:
+    """Preprocessed images: all crops stacked, with how they belong to images.
+
+    Attributes:
+        pixel_values: [C, 3, S, S] every crop of every image (an anyres image: base crop, then tiles).
+        crops: per image, its number of crops.
+        sizes: per image, its original (height, width).
+        anyres: per image, whether it is packed with tiles (the only image of its sample).
+    """
+
+    pixel_values: torch.Tensor
+    crops: list[int]
+    sizes: list[list[int]]
+    anyres: list[bool]
+
+
+class LlavaOnevisionAdapter:
+    """LLaVA-OneVision (SigLIP + projector + Qwen2 LLM) with a reducer in the loop."""
+
+    family = "llava_onevision"
+    supports_video = True
+
+    def __init__(
+        self, model, image_processor, tokenizer, reducer: Reducer | None = None, prompt: str = OV_PROMPT
+    ):
+        config = model.config
+        if config.model_type != "llava_onevision":
+            raise ValueError(
+                f"LlavaOnevisionAdapter takes llava_onevision checkpoints, got {config.model_type!r}"
+            )
+        if config.vision_feature_select_strategy != "full" or not isinstance(
+            config.vision_feature_layer, int
+        ):
+            raise ValueError(
+                "LlavaOnevisionAdapter supports vision_feature_select_strategy='full' with one vision_feature_layer; "
+                f"got {config.vision_feature_select_strategy!r}, {config.vision_feature_layer!r}"
+            )
+        self.model = model
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.reducer = reducer if reducer is not None else NoReduction()
+        self.prompt = prompt
+        vision = config.vision_config
+        self.crop_size = vision.image_size
+        self.side = vision.image_size // vision.patch_size
+        self.image_token_id = config.image_token_id
+        self.video_token_id = config.video_token_id
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(
+                "the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json"
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        reducer: Reducer | None = None,
+        dtype: str = "bfloat16",
+        attn_implementation: str = "sdpa",
+        device: str = "auto",
+        prompt: str = OV_PROMPT,
+        build: str | None = None,
+    ) -> LlavaOnevisionAdapter:
+        """Load a LLaVA-OneVision checkpoint (local folder or hub id in the HF cache).
+
+        Args:
+            path: checkpoint folder or hub id (e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf).
+            reducer: the visual-token reducer (None: no reduction).
+            dtype: float32 | float16 | bfloat16 | float64.
+            attn_implementation: sdpa | flash_attention_2 | eager (for the whole model).
+            device: auto | cpu | cuda | cuda:N.
+            prompt: the conversation format; `{images}` becomes "<image>\\n" per image, then "<video>\\n" per video.
+            build: name of a tiny test model to build at `path` when it is missing (tokenprune.models.tiny).
+        """
+        from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+        source = resolve_checkpoint(path, build)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            image_processor = AutoImageProcessor.from_pretrained(source)
+            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+            )
+        except OSError as error:
+            raise hub_error(path, error) from error
+        model.to(resolve_device(device)).eval()
+        return cls(model, image_processor, tokenizer, reducer=reducer, prompt=prompt)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ------------------------------------------------------------------ vision side
+    def preprocess(self, images: Sequence[Sequence[Image.Image]]) -> Crops:
+        """Per sample, its images -> every crop (anyres for a sample's only image, base crop otherwise)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        nested = [[image.convert("RGB") for image in sample] for sample in images if sample]
+        out = self.image_processor(images=nested, return_tensors="pt")
+        sizes = out["image_sizes"].tolist()
+        anyres = [n == 1 for n in out["batch_num_images"] for _ in range(n)]
+        pinpoints = self.model.config.image_grid_pinpoints
+        crops = [
+            image_size_to_num_patches(size, pinpoints, self.crop_size) if single else 1
+            for size, single in zip(sizes, anyres)
+        ]
+        pixel_values = torch.cat([p[:n] for p, n in zip(out["pixel_values"], crops)])
+        return Crops(pixel_values.to(self.device, self.model.dtype), crops, sizes, anyres)
+
+    def preprocess_videos(self, videos: Sequence) -> list[torch.Tensor]:
+        """Videos -> per video its frames [T, 3, S, S], each resized to the crop size (no anyres)."""
+        out = []
+        for video in videos:
+            frames, _ = video_frames(video)
+            pixels = self.image_processor(
+                images=frames, image_grid_pinpoints=[[self.crop_size, self.crop_size]], return_tensors="pt"
+            )["pixel_values"][:, 0]  # the base crop: the frame resized to S x S
+            out.append(pixels.to(self.device, self.model.dtype))
+        return out
+
+    def tower(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SigLIP features [B, N, C] of the feature layer (run only as deep as it), plus the signals
+        the reducer asks for: vit_cls_attn [B, N], vit_keys [B, N, C] of that layer."""
+        tower = self.model.model.vision_tower
+        layers = tower.encoder.layers
+        layer = self.model.config.vision_feature_layer
+        depth = layer if layer >= 0 else len(layers) + 1 + layer
+        hidden = tower.embeddings(pixel_values)  # [B, N, C]
+        before = hidden
+        for block in layers[:depth]:
+            before, hidden = hidden, block(hidden, attention_mask=None)
+        out = {"features": hidden}
+        if any(name in self.reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS)):
+            if depth == 0:
+                raise ValueError("vision_feature_layer 0 (the embeddings) has no attention for the signals")
+            out[VIT_CLS_ATTN], out[VIT_KEYS] = siglip_attention(layers[depth - 1], before)
+        return out
+
+    def _pack(self, crops: torch.Tensor, size: list[int], newline: torch.Tensor | None) -> torch.Tensor:
+        """The model's own packing of one anyres image's crops [n, N, D] -> [N + canvas (+ newlines), D]."""
+        model = self.model.model
+        packed, _ = model.pack_image_features(
+            [crops], [size], image_newline=newline, vision_aspect_ratio=self.model.config.vision_aspect_ratio
+        )
+        return packed[0]
+
+    def canvas_grid(self, crops: int, size: list[int]) -> tuple[int, int]:
+        """(rows, cols) of the packed canvas of an anyres image with `crops` crops (after unpad and shrink)."""
+        ones = torch.ones(crops, self.side**2, 1)
+        cells = self._pack(ones, size, None).shape[0] - self.side**2
+        rows = self._pack(ones, size, torch.ones(1)).shape[0] - self.side**2 - cells
+        return rows, cells // rows
+
+    @staticmethod
+    def _view(
+        features: torch.Tensor, attention: torch.Tensor | None, keys: torch.Tensor | None, grid
+    ) -> View:
+        """A view; its attention normalised to a distribution over the view, like CLS attention over an image."""
+        signals = {}
+        if attention is not None:
+            signals[VIT_CLS_ATTN] = attention / attention.sum()  # [n]
+        if keys is not None:
+            signals[VIT_KEYS] = keys  # [n, C]
+        return View(features, grid, signals)
+
+    def image_views(
+        self, crops: Crops, tower: dict[str, torch.Tensor], projected: torch.Tensor | None
+    ) -> list[list[View]]:
+        """Per image its views, [base] or [base, canvas], with features in the reducer's space."""
+        features = tower["features"] if self.reducer.space == "vision" else projected  # [C, N, D]
+        attention, keys = tower.get(VIT_CLS_ATTN), tower.get(VIT_KEYS)  # [C, N], [C, N, Ck]
+        cut = self.side**2
+        out, start = [], 0
+        for n, size, anyres in zip(crops.crops, crops.sizes, crops.anyres):
+            views = [
+                self._view(
+                    features[start],
+                    None if attention is None else attention[start],
+                    None if keys is None else keys[start],
+                    (self.side, self.side),
+                )
+            ]
+            if anyres:
+
+                def pack(x: torch.Tensor, span=slice(start, start + n), size=size) -> torch.Tensor:
+                    return self._pack(x[span], size, None)[cut:]  # [cells, D]: unpadded, shrunk canvas
+
+                views.append(
+                    self._view(
+                        pack(features),
+                        None if attention is None else pack(attention.unsqueeze(-1)).squeeze(-1),
+                        None if keys is None else pack(keys),
+                        self.canvas_grid(n, size),
+                    )
+                )
+            out.append(views)
+            start += n
+        return out
+
+    def video_views(self, tower: dict[str, torch.Tensor], projected: torch.Tensor | None) -> list[View]:
+        """One view per frame: its 2x2-pooled grid (the model's bilinear pooling), features in the reducer's space."""
+        pool = self.model.model.apply_pooling
+        features = pool(tower["features"] if self.reducer.space == "vision" else projected)  # [T, n, D]
+        attention = tower.get(VIT_CLS_ATTN)
+        attention = None if attention is None else pool(attention.unsqueeze(-1)).squeeze(-1)  # [T, n]
+        keys = None if VIT_KEYS not in tower else pool(tower[VIT_KEYS])  # [T, n, C]
+        side = math.ceil(self.side / 2)
+        return [
+            self._view(
+                features[t],
+                None if attention is None else attention[t],
+                None if keys is None else keys[t],
+                (side, side),
+            )
+            for t in range(features.shape[0])
+        ]
+
+    def _to_llm(self, reduced: Sequence[ReducedView]) -> list[torch.Tensor | None]:
+        """The reduced views' tokens in LLM space (one projector call for a vision-space reducer);
+        None for a view returned unchanged (the adapter uses the model's own tokens for it)."""
+        changed = [i for i, r in enumerate(reduced) if not r.unchanged]
+        out: list[torch.Tensor | None] = [None] * len(reduced)
+        if not changed:
+            return out
+        tokens = torch.cat([reduced[i].features for i in changed])  # [sum k, C or D]
+        if self.reducer.space == "vision":
+            tokens = self.model.model.multi_modal_projector(tokens)  # [sum k, D]
+        for i, part in zip(changed, tokens.split([reduced[i].features.shape[0] for i in changed])):
+            out[i] = part
+        return out
+
+    def encode_images(self, crops: Crops) -> list[torch.Tensor]:
+        """Preprocessed images -> per image its LLM tokens [k_i, D] (reduced views, newlines included)."""
+        projector = self.model.model.multi_modal_projector
+        newline = self.model.model.image_newline
+        tower = self.tower(crops.pixel_values)
+        projected = projector(tower["features"]) if self.reducer.space == "llm" else None  # [C, N, D]
+        per_image = self.image_views(crops, tower, projected)
+        reduced = reduce_views(self.reducer, [view for views in per_image for view in views])
+        if projected is None and any(r.unchanged for r in reduced):
+            projected = projector(tower["features"])  # the model's own tokens
+        tokens = iter(self._to_llm(reduced))
+        unchanged = iter([r.unchanged for r in reduced])
+        out, start = [], 0
+        for n, size, anyres in zip(crops.crops, crops.sizes, crops.anyres):
+            base, base_same = next(tokens), next(unchanged)
+            parts = [projected[start] if base_same else base]
+            if anyres:
+                canvas, canvas_same = next(tokens), next(unchanged)
+                if canvas_same:  # the model's packing: canvas rows, each ended by a newline
+                    parts.append(self._pack(projected[start : start + n], size, newline)[self.side**2 :])
+                else:
+                    parts += [canvas, newline[None].to(canvas.dtype)]
+            else:
+                parts.append(newline[None].to(parts[0].dtype))
+            out.append(torch.cat(parts))
+            start += n
+        return out
+
+    def encode_videos(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per video its frames [T, 3, S, S] -> per video its LLM tokens (reduced frames, then one newline)."""
+        projector = self.model.model.multi_modal_projector
+        newline = self.model.model.image_newline
+        tower = self.tower(torch.cat(list(videos)))
+        projected = projector(tower["features"]) if self.reducer.space == "llm" else None  # [T, N, D]
+        reduced = reduce_views(self.reducer, self.video_views(tower, projected))
+        if projected is None and any(r.unchanged for r in reduced):
+            projected = projector(tower["features"])
+        pooled = None if projected is None else self.model.model.apply_pooling(projected)  # [T, n, D]
+        frames = [
+            pooled[t] if r.unchanged else part
+            for t, (r, part) in enumerate(zip(reduced, self._to_llm(reduced)))
+        ]
+        out, start = [], 0
+        for video in videos:
+            out.append(
+                torch.cat([*frames[start : start + video.shape[0]], newline[None].to(frames[0].dtype)])
+            )
+            start += video.shape[0]
+        return out
+
+    # ------------------------------------------------------------------ text side
+    def format_prompt(self, question: str, n_images: int, n_videos: int = 0) -> str:
+        return self.prompt.format(images=IMAGE_MARKER * n_images + VIDEO_MARKER * n_videos, question=question)
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        return [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
+
+    def splice(
+        self,
+        prompts: Sequence[str],
+        counts: Sequence[Sequence[tuple[int, int]]],
+        image_tokens: list[torch.Tensor],
+        video_tokens: list[torch.Tensor],
+        answers: Sequence[str] | None = None,
+    ) -> SplicedInputs:
+        """Tokenize prompts and give every image/video its count of placeholders.
+
+        Args:
+            prompts: one string per sample with one "<image>" ("<video>") per image (video).
+            counts: per sample, (token id, count) for each of its placeholders in prompt order.
+            image_tokens, video_tokens: per image / video (flat, in sample order) [k_i, D_llm].
+            answers: per sample, the assistant's reply for teacher forcing (answer + eos, labelled).
+        """
+        rows, targets = [], []
+        for b, (prompt, sample) in enumerate(zip(prompts, counts)):
+            ids = self.tokenizer(prompt)["input_ids"]
+            slots = [t for t in ids if t in (self.image_token_id, self.video_token_id)]
+            if slots != [token for token, _ in sample]:
+                raise ValueError(
+                    f"prompt has {slots.count(self.image_token_id)} <image> and {slots.count(self.video_token_id)} "
+                    f"<video> placeholders, not matching the sample's media: {prompt!r}"
+                )
+            remaining = iter(sample)
+            row: list[int] = []
+            for token in ids:
+                row.extend(
+                    [token] * next(remaining)[1]
+                    if token in (self.image_token_id, self.video_token_id)
+                    else [token]
+                )
+            answer = [] if answers is None else self._answer_ids(answers[b])
+            rows.append(row + answer)
+            targets.append([-100] * len(row) + answer)
+        device = self.device
+        input_ids = left_pad(rows, self.tokenizer.pad_token_id, device)  # [B, L]
+        attention_mask = left_pad([[1] * len(r) for r in rows], 0, device)  # [B, L]
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [B, L]
+        outputs = {}
+        if image_tokens:
+            outputs["image"] = BaseModelOutputWithPooling(pooler_output=image_tokens)
+        if video_tokens:  # the model flattens [*, *, D]: one row of all videos' tokens in order
+            outputs["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(video_tokens)[None])
+        labels = None if answers is None else left_pad(targets, -100, device)
+        visual = [sum(count for _, count in sample) for sample in counts]
+        return SplicedInputs(input_ids, attention_mask, position_ids, outputs, visual, labels)
+
+    def prepare(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Sequence[Image.Image]],
+        videos: Sequence[Sequence[Video]] | None = None,
+        answers: Sequence[str] | None = None,
+    ) -> SplicedInputs:
+        """Questions with their images and videos (and answers, for training) -> the reduced, spliced LLM inputs."""
+        videos = videos if videos is not None else [[] for _ in questions]
+        if not len(questions) == len(images) == len(videos):
+            raise ValueError(
+                f"{len(questions)} questions, {len(images)} image lists, {len(videos)} video lists"
+            )
+        image_tokens = self.encode_images(self.preprocess(images)) if any(images) else []
+        flat_videos = [video for sample in videos for video in sample]
+        video_tokens = self.encode_videos(self.preprocess_videos(flat_videos)) if flat_videos else []
+        next_image, next_video = iter(image_tokens), iter(video_tokens)
+        counts = [
+            [(self.image_token_id, next(next_image).shape[0]) for _ in sample_images]
+            + [(self.video_token_id, next(next_video).shape[0]) for _ in sample_videos]
+            for sample_images, sample_videos in zip(images, videos)
+        ]
+        prompts = [self.format_prompt(q, len(i), len(v)) for q, i, v in zip(questions, images, videos)]
+        return self.splice(prompts, counts, image_tokens, video_tokens, answers)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Sequence[Image.Image]],
+        videos: Sequence[Sequence[Video]] | None = None,
+        max_new_tokens: int = 16,
+        timing: dict | None = None,
+        **generate_kwargs,
+    ) -> tuple[list[str], list[int]]:
+        """Batched generation; returns the decoded answers and each sample's visual token count.
+
+        Args:
+            questions: one per sample.
+            images: per sample, its images (PIL).
+            videos: per sample, its videos (`tokenprune.types.Video`, a list of PIL frames or a
+                [T, H, W, 3] uint8 array); None: no videos.
+            timing: if a dict is given, it is filled with the batch's stage times
+                (`tokenprune.models.timing.StageClock.summary`) and per-sample `text_tokens` and
+                `new_tokens`, as the LLaVA adapter does.
+        """
+        from transformers import LogitsProcessorList
+
+        from tokenprune.models.timing import StageClock
+
+        clock = StageClock(self.device) if timing is not None else None
+        if clock is not None:
+            clock.begin()
+        inputs = self.prepare(questions, images, videos)
+        kwargs = inputs.as_kwargs()
+        kwargs.pop("position_ids")  # generate derives them from the attention mask, step by step
+        if clock is not None:
+            clock.end_encode()
+            kwargs["logits_processor"] = LogitsProcessorList([clock.logits_processor()])
+        output = self.model.generate(
+            **kwargs,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
+        new_tokens = output[:, inputs.input_ids.shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if clock is not None:
+            timing.update(clock.summary())
+            timing["text_tokens"] = [
+                int(n) - v for n, v in zip(inputs.attention_mask.sum(-1).tolist(), inputs.visual_tokens)
+            ]
+            timing["new_tokens"] = generated_lengths(new_tokens, self.tokenizer.eos_token_id)
+        return [t.strip() for t in texts], inputs.visual_tokens
