@@ -13,6 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one thread per xdist worker: `make test` runs 2 workers on 2 cores
+
 
 @pytest.fixture(scope="session")
 def tiny_llava_path(tmp_path_factory) -> str:

@@ -2,8 +2,11 @@
 
 Schema (`SCHEMA`): name, run (times, git sha + dirty flag, package versions, host, device, command),
 choices (config group options), config (fully resolved), metrics (`bench/<task>/<metric>`,
-`train/...`), efficiency (`visual_tokens_mean/min/max`, `samples`, `failed_samples`, `wall_time_s`),
-failures (per failed sample: task, doc_id, reason) and samples_file (the sibling JSONL).
+`train/...`; with compare_to_full also `full/...`, `pct_of_full/...`, `agreement/<task>`), efficiency
+(`visual_tokens_mean/min/max`, `samples`, `failed_samples`, `wall_time_s`), eff (the efficiency
+meter's `eff/<name>` block, tokenprune/eval/meter.py), tasks (where each task's data came from),
+failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL) and, when tasks
+wrote submission files, artifacts (the sibling `<name>.files/` folder).
 """
 
 from __future__ import annotations

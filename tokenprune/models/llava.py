@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
 from tokenprune.models.signals import clip_cls_attention
+from tokenprune.models.timing import StageClock
 from tokenprune.reducers.baselines import NoReduction
 from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, VisualTokens
 
@@ -201,7 +203,7 @@ class LlavaAdapter:
 
     def splice(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[tuple[str, bool]]],
         counts: Sequence[Sequence[int]],
         features: list[torch.Tensor],
         answers: Sequence[str] | None = None,
@@ -209,15 +211,23 @@ class LlavaAdapter:
         """Tokenize prompts and give image j of sample b exactly counts[b][j] placeholders.
 
         Args:
-            prompts: one string per sample with one "<image>" per image.
+            prompts: one per sample with one "<image>" per image: a string (no labels), or a
+                conversation as (text, trained) segments, tokenized one by one (special tokens
+                only for the first); the trained segments' tokens are labels, -100 elsewhere.
             counts: per sample, the kept token count of each of its images.
             features: per image (flat, in sample order) [k_i, D_llm].
             answers: per sample, the assistant's reply for teacher forcing; it is appended
-                (" " + answer + eos) and is the only part with labels (-100 elsewhere).
+                (" " + answer + eos) and is labelled (with a string prompt, the only labelled part).
         """
         rows, targets = [], []
         for b, (prompt, sample_counts) in enumerate(zip(prompts, counts)):
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            segments = [(prompt, False)] if isinstance(prompt, str) else prompt
+            ids: list[int] = []
+            labels: list[int] = []
+            for i, (text, trained) in enumerate(segments):
+                piece = self.tokenizer(text, add_special_tokens=i == 0)["input_ids"]
+                ids += piece
+                labels += piece if trained else [-100] * len(piece)
             slots = sum(token == self.image_token_id for token in ids)
             if slots != len(sample_counts):
                 raise ValueError(
@@ -225,12 +235,20 @@ class LlavaAdapter:
                 )
             remaining = iter(sample_counts)
             expanded: list[int] = []
-            for token in ids:
-                expanded.extend([token] * next(remaining) if token == self.image_token_id else [token])
+            expanded_labels: list[int] = []
+            for token, label in zip(ids, labels):
+                if token == self.image_token_id:  # placeholders are never labels
+                    n = next(remaining)
+                    expanded += [token] * n
+                    expanded_labels += [-100] * n
+                else:
+                    expanded.append(token)
+                    expanded_labels.append(label)
             answer = [] if answers is None else self._answer_ids(answers[b])
             rows.append(expanded + answer)
-            targets.append([-100] * len(expanded) + answer)
-        return self._pad(rows, [sum(c) for c in counts], features, targets if answers is not None else None)
+            targets.append(expanded_labels + answer)
+        labelled = answers is not None or any(not isinstance(p, str) for p in prompts)
+        return self._pad(rows, [sum(c) for c in counts], features, targets if labelled else None)
 
     def _answer_ids(self, answer: str) -> list[int]:
         return [
@@ -265,12 +283,18 @@ class LlavaAdapter:
         answers: Sequence[str] | None = None,
     ) -> ModelInputs:
         """Questions and their images (and answers, for training) -> the reduced, spliced LLM inputs."""
+        counts, features = self._encode_samples(images)
+        prompts = [self.format_prompt(q, len(sample)) for q, sample in zip(questions, images)]
+        return self.splice(prompts, counts, features, answers)
+
+    def _encode_samples(
+        self, images: Sequence[Sequence[Image.Image]]
+    ) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Every sample's images, reduced: per sample the kept count of each image, and the flat features."""
         flat = [image for sample in images for image in sample]
         encoded = self.encode_images(self.preprocess(flat)) if flat else EncodedImages([], [], self.grid)
         kept = iter([f.shape[0] for f in encoded.features])
-        counts = [[next(kept) for _ in sample] for sample in images]
-        prompts = [self.format_prompt(q, len(sample)) for q, sample in zip(questions, images)]
-        return self.splice(prompts, counts, encoded.features, answers)
+        return [[next(kept) for _ in sample] for sample in images], encoded.features
 
     @torch.inference_mode()
     def generate(
@@ -278,14 +302,28 @@ class LlavaAdapter:
         questions: Sequence[str],
         images: Sequence[Sequence[Image.Image]],
         max_new_tokens: int = 16,
+        timing: dict | None = None,
         **generate_kwargs,
     ) -> tuple[list[str], list[int]]:
-        """Batched generation; returns the decoded answers and each sample's visual token count."""
+        """Batched generation; returns the decoded answers and each sample's visual token count.
+
+        Args:
+            timing: if a dict is given, it is filled with the batch's stage times
+                (`tokenprune.models.timing.StageClock.summary`: encode_ms, prefill_ms, decode_ms,
+                decode_steps, total_ms, timer) and per-sample `text_tokens` (prompt tokens other
+                than visual ones) and `new_tokens` (generated, up to and including EOS).
+        """
+        clock = StageClock(self.device) if timing is not None else None
+        if clock is not None:
+            clock.begin()
         inputs = self.prepare(questions, images)
         kwargs = inputs.as_kwargs()
         kwargs.pop("position_ids")  # generate derives them from the attention mask, step by step
         if not kwargs["mm_encoder_outputs"]:
             kwargs.pop("mm_encoder_outputs")
+        if clock is not None:
+            clock.end_encode()
+            kwargs["logits_processor"] = LogitsProcessorList([clock.logits_processor()])
         output = self.model.generate(
             **kwargs,
             max_new_tokens=max_new_tokens,
@@ -294,7 +332,42 @@ class LlavaAdapter:
         )
         new_tokens = output[:, inputs.input_ids.shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if clock is not None:
+            timing.update(clock.summary())
+            timing["text_tokens"] = [
+                int(n) - v for n, v in zip(inputs.attention_mask.sum(-1).tolist(), inputs.visual_tokens)
+            ]
+            timing["new_tokens"] = _generated_lengths(new_tokens, self.tokenizer.eos_token_id)
         return [t.strip() for t in texts], inputs.visual_tokens
+
+    def prepare_conversations(
+        self,
+        conversations: Sequence[Sequence[tuple[str, bool]]],
+        images: Sequence[Sequence[Image.Image]],
+    ) -> ModelInputs:
+        """Multi-turn training inputs: rendered conversations and their images -> LLM inputs with labels.
+
+        Args:
+            conversations: per sample, (text, trained) segments in order (e.g. from
+                `tokenprune.data.instruct.render`); the first holds one "<image>" per image. The
+                labels are the trained segments' tokens (assistant replies and their end token).
+            images: per sample, its images (empty for a text-only sample).
+
+        The reducer runs in the forward (not under no_grad), so the loss reaches the projector
+        through the reduced tokens.
+        """
+        counts, features = self._encode_samples(images)
+        return self.splice(conversations, counts, features)
+
+
+def _generated_lengths(new_tokens: torch.Tensor, eos_token_id: int | None) -> list[int]:
+    """Per row, the generated tokens up to and including the first EOS (all of them without one)."""
+    width = new_tokens.shape[1]
+    if eos_token_id is None or width == 0:
+        return [width] * new_tokens.shape[0]
+    is_eos = new_tokens == eos_token_id  # [B, G]
+    first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, width)  # [B]
+    return first.tolist()
 
 
 def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:

@@ -1,0 +1,159 @@
+"""LLM prefill time with each reducer's visual-token count vs. `none`, at a real model's shape.
+
+For every reducer config in configs/reducer/, the number of visual tokens k it keeps is measured by
+running it on 576 synthetic CLIP-like patch features (random features; CLS attention with a few
+strong outliers, as CLIP's has — adaptive methods such as PruMerge keep a data-dependent count),
+then the LLM prefill over k + T tokens (T text tokens, batch 1, SDPA, KV cache off, random weights)
+is timed and compared with `none` (576 + T):
+
+    measured speed-up = t(576 + T) / t(k + T)        analytic limit = (576 + T) / (k + T)
+
+and their ratio (the goal is >= 0.8: the prefill scales with the tokens it gets). Only the LLM is
+timed; the vision tower and the reducer's own cost are not (see eff/* in result files for those).
+
+Shapes: ``7b`` = LLaVA-1.5-7B's LLM (Vicuna-7B, fp16; for a GPU), ``mid`` = 8 layers of width 1024
+(fp32; finishes in < 2 minutes on a 2-core CPU). Timers: CUDA events around the forward after a
+synchronise on GPU (median of ``--repeats``), the wall clock on CPU (minimum of ``--repeats``: on a
+shared machine other processes only add time); lengths are timed round-robin; warm-up excluded.
+
+    python scripts/bench_prefill.py                      # 7b on CUDA if available, else mid on CPU
+    python scripts/bench_prefill.py --shape 7b --device cuda --text 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    "7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+    },
+    "mid": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+    },
+}
+PATCHES = 576
+
+
+def kept_tokens(seed: int = 0) -> dict[str, int]:
+    """Visual tokens each reducer config keeps for one synthetic 24x24 CLIP-like image."""
+    from hydra.utils import instantiate
+
+    from tokenprune.config import compose, group_options
+    from tokenprune.types import VisualTokens
+
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(1, PATCHES, 64, generator=generator)  # [1, N, C]
+    logits = torch.randn(1, PATCHES + 1, generator=generator)
+    spikes = torch.randint(0, PATCHES, (1, 14), generator=generator)
+    logits.scatter_add_(1, spikes + 1, 4 + 2 * torch.rand(spikes.shape, generator=generator))
+    signals = {
+        "vit_cls_attn": logits.softmax(-1)[:, 1:],
+        "vit_keys": torch.randn(1, PATCHES, 64, generator=generator),
+    }
+    tokens = VisualTokens(features=features, grid=(24, 24), signals=signals)
+    counts = {}
+    for name in group_options("reducer"):
+        reducer = instantiate(compose([f"reducer={name}"]).reducer)
+        counts[name] = int(reducer(tokens).lengths[0])
+    return counts
+
+
+def build_llm(shape: str, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **SHAPES[shape])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+@torch.inference_mode()
+def prefill_times(model, lengths: list[int], repeats: int, device: str) -> dict[int, float]:
+    """Per sequence length, the prefill forward time in ms (batch 1, logits of the last position).
+
+    The lengths are measured round-robin (one forward of each per repeat) so that a slow spell of a
+    shared machine hits them all alike; the summary is the median on GPU and the minimum on CPU,
+    where other processes only ever add time.
+    """
+    embeds = {
+        n: torch.randn(1, n, model.config.hidden_size, device=device, dtype=model.dtype) for n in lengths
+    }
+    cuda = device.startswith("cuda")
+
+    def forward(n: int) -> float:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            model(inputs_embeds=embeds[n], use_cache=False, logits_to_keep=1)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        model(inputs_embeds=embeds[n], use_cache=False, logits_to_keep=1)
+        return (time.perf_counter() - begin) * 1000
+
+    for n in lengths:
+        forward(n)  # warm-up
+    samples: dict[int, list[float]] = {n: [] for n in lengths}
+    for _ in range(repeats):
+        for n in lengths:
+            samples[n].append(forward(n))
+    summary = statistics.median if cuda else min
+    return {n: summary(values) for n, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b" if cuda else "mid")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument(
+        "--dtype", default=None, help="float16 | bfloat16 | float32 (default fp16 on GPU, fp32 on CPU)"
+    )
+    parser.add_argument("--text", type=int, default=40, help="text tokens T in the prompt")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    counts = kept_tokens()
+    model = build_llm(args.shape, args.device, dtype)
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"shape {args.shape} {SHAPES[args.shape]}, {dtype}, {device_name}, T = {args.text}, {'median' if args.device.startswith('cuda') else 'min'} of {args.repeats}"
+    )
+    lengths = prefill_times(
+        model, sorted({k + args.text for k in counts.values()}), args.repeats, args.device
+    )
+    times = {k: lengths[k + args.text] for k in counts.values()}
+    base = times[counts["none"]]
+    print(
+        "| reducer | visual tokens k | prefill ms | measured speed-up | analytic (576+T)/(k+T) | measured / analytic |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, k in sorted(counts.items(), key=lambda item: -item[1]):
+        measured = base / times[k]
+        analytic = (PATCHES + args.text) / (k + args.text)
+        print(
+            f"| {name} | {k} | {times[k]:.1f} | {measured:.2f}x | {analytic:.2f}x | {measured / analytic:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

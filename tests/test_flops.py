@@ -1,0 +1,164 @@
+"""Analytic FLOPs (tokenprune/eval/flops.py) and the efficiency meter's aggregation (eval/meter.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenprune.eval import flops, meter
+from tokenprune.reducers.baselines import AvgPool, NoReduction, UniformSample
+from tokenprune.reducers.prumerge import PruMerge
+
+# A shape small enough to count by hand: 2x2 patches of side 2, width 4; LLM width 8, 2 layers,
+# 2 query heads sharing 1 key/value head (d_kv = 4), gated MLP of 16, vocabulary 10.
+VISION = flops.VisionShape(depth=1, width=4, mlp_width=8, patches=4, patch_size=2)
+LLM = flops.LlmShape(layers=2, width=8, mlp_width=16, heads=2, kv_heads=1, vocab=10)
+SHAPE = flops.ModelShape(vision=VISION, llm=LLM)
+
+
+def test_hand_computed_stages():
+    # ViT: patch embedding 2 * N * (3 p^2) * C = 2*4*12*4; one layer over L = 5 tokens:
+    # 2 L (4 C^2 + 2 C I) = 10 * (64 + 64) and 4 L^2 C = 4 * 25 * 4.
+    assert flops.vit_flops(VISION) == 384 + 1280 + 400
+    # signals: q and k of all 5 tokens (2 * 5 * 2 * 16) + the CLS row of scores (2 * 5 * 4)
+    assert flops.signal_flops(VISION, ["vit_cls_attn"]) == 320 + 40
+    assert flops.signal_flops(VISION, []) == 0
+    # one token through one layer: 2 (2 d^2 + 2 d d_kv + 3 d m) = 2 (128 + 64 + 384)
+    assert LLM.linear_flops_per_token == 1152
+    # prefill of S = 6: 2 layers * (6 * 1152 + 4 * 36 * 8) + head 2 * 8 * 10
+    assert flops.prefill_flops(LLM, 6) == 2 * (6912 + 1152) + 160
+    # one decode step against 7 cached tokens: 2 * (1152 + 4 * 7 * 8) + 160
+    assert flops.decode_step_flops(LLM, 7) == 2 * (1152 + 224) + 160
+    assert flops.projector_flops(4, 8, tokens=2) == 2 * 2 * (32 + 64)
+
+
+def test_reducer_costs():
+    assert flops.reducer_flops(NoReduction(), n=4, kept=4, width=4) == 0
+    assert flops.reducer_flops(UniformSample(keep=2), n=4, kept=2, width=4) == 0
+    assert flops.reducer_flops(AvgPool(keep=1), n=4, kept=1, width=4) == 16
+    # 2 M N C + 2 M k C + 2 N C with M = 2 kept, k = 2 neighbours
+    assert flops.reducer_flops(PruMerge(knn_k=2), n=4, kept=2, width=4) == 64 + 32 + 32
+
+    class Custom:
+        def flops(self, n, kept, width):
+            return n + kept + width
+
+    class Unknown:
+        pass
+
+    assert flops.reducer_flops(Custom(), 4, 2, 4) == 10
+    assert flops.reducer_flops(Unknown(), 4, 2, 4) is None
+
+
+def test_sample_flops_adds_the_stages_from_actual_counts():
+    out = flops.sample_flops(
+        SHAPE,
+        PruMerge(knn_k=2),
+        ["vit_cls_attn", "vit_keys"],
+        "vision",
+        images=1,
+        visual_tokens=2,
+        text_tokens=4,
+        new_tokens=3,
+    )
+    decode = flops.decode_step_flops(LLM, 7) + flops.decode_step_flops(LLM, 8)  # 2 steps after the prefill
+    assert out["vit"] == 2064 and out["signals"] == 360 and out["reducer"] == 128
+    assert out["projector"] == 384 and out["prefill"] == 16288 and out["decode"] == decode == 5888
+    assert out["decode_steps"] == 2
+    assert out["total"] == 2064 + 360 + 128 + 384 + 16288 + 5888
+    assert out["prefill_full"] == flops.prefill_flops(LLM, 4 + 4)
+    # an LLM-space reducer projects every patch
+    llm_space = flops.sample_flops(
+        SHAPE, NoReduction(), [], "llm", images=2, visual_tokens=8, text_tokens=4, new_tokens=1
+    )
+    assert llm_space["projector"] == flops.projector_flops(4, 8, 8) and llm_space["decode"] == 0
+    unknown = flops.sample_flops(SHAPE, object(), [], "vision", 1, 2, 4, 1)
+    assert unknown["reducer"] is None and unknown["total"] is None
+
+
+def test_prumerge_paper_llava15_7b_prefill():
+    """PruMerge Table 2 (FP16, Vicuna-7B): 9.3 TFLOPs for LLaVA-1.5, 0.91 with PruMerge (LLM prefill)."""
+    llm = flops.LLAVA15_7B.llm
+    text = 40  # prompt length the paper does not state; 40 is the worked example's
+    full, pruned = flops.prefill_flops(llm, 576 + text), flops.prefill_flops(llm, 32 + text)
+    assert full == pytest.approx(9.3e12, rel=0.15)
+    assert pruned == pytest.approx(0.91e12, rel=0.05)
+    assert full / pruned == pytest.approx(9.3 / 0.91, rel=0.2)
+    # prefill is ~ 2 x (LLM projection parameters) x tokens, plus the quadratic attention term
+    params = llm.layers * llm.linear_flops_per_token // 2
+    assert params == pytest.approx(6.48e9, rel=0.01)
+    assert full == 2 * params * 616 + llm.layers * 4 * 616**2 * 4096 + 2 * 4096 * llm.vocab
+    # the vision tower (23 of CLIP-L/336's 24 layers) is ~0.37 TFLOPs per image
+    assert flops.vit_flops(flops.LLAVA15_7B.vision) == pytest.approx(0.366e12, rel=0.01)
+
+
+def test_shape_from_llava_config(tiny_llava):
+    shape = meter.model_shape(tiny_llava)
+    assert shape.vision.patches == 576 and shape.vision.depth == 2  # feature layer -2 of 3
+    assert shape.llm.layers == 2 and shape.llm.kv_width == 32
+    tiny_llava.reducer = PruMerge()
+    assert meter.model_shape(tiny_llava).vision.depth == 2  # signal layer input = layer 2 too
+
+
+def _record(task, doc_id, kept, batch, **extra):
+    return {
+        "task": task,
+        "doc_id": doc_id,
+        "answer": "a",
+        "visual_tokens": kept,
+        "images": 1,
+        "text_tokens": 10,
+        "new_tokens": 3,
+        "batch": batch,
+        **extra,
+    }
+
+
+def test_meter_summarizes_records(tiny_llava):
+    b1 = {
+        "id": "r-0-0",
+        "size": 2,
+        "encode_ms": 10.0,
+        "prefill_ms": 20.0,
+        "decode_ms": 8.0,
+        "decode_steps": 2,
+        "total_ms": 40.0,
+        "timer": "wall_clock",
+    }
+    b2 = {
+        **b1,
+        "id": "r-0-1",
+        "size": 1,
+        "encode_ms": 4.0,
+        "prefill_ms": 6.0,
+        "decode_ms": 4.0,
+        "total_ms": 20.0,
+    }
+    records = [
+        _record("t", 0, 100, b1),
+        _record("t", 1, 140, b1),
+        _record("t", 2, 30, b2, resumed=True),
+        {"task": "t", "doc_id": 3, "failed": "OSError: x", "visual_tokens": 0},
+    ]
+    eff = meter.summarize(records, tiny_llava)
+    assert (eff["eff/samples"], eff["eff/failed_samples"], eff["eff/resumed_samples"]) == (4, 1, 1)
+    assert eff["eff/visual_tokens_mean"] == pytest.approx(90) and eff["eff/visual_tokens_min"] == 30
+    hist = eff["eff/visual_tokens_hist"]
+    assert sum(hist["counts"]) == 3 and hist["edges"][0] == 0 and hist["edges"][-1] > 140
+    assert eff["eff/batches"] == 2 and eff["eff/batch_size_mean"] == 1.5
+    assert eff["eff/prefill_ms_mean"] == 13.0 and eff["eff/ttft_ms_mean"] == 20.0
+    assert eff["eff/decode_ms_per_token"] == pytest.approx(12.0 / 4)
+    assert eff["eff/samples_per_s"] == pytest.approx(1000 * 3 / 60)
+    shape = meter.model_shape(tiny_llava)
+    prefill = [flops.prefill_flops(shape.llm, k + 10) for k in (100, 140, 30)]
+    assert eff["eff/flops_prefill_mean"] == pytest.approx(sum(prefill) / 3)
+    assert eff["eff/prefill_flops_ratio"] == pytest.approx(
+        sum(prefill) / (3 * flops.prefill_flops(shape.llm, 586))
+    )
+    assert eff["eff/flops_reducer_mean"] == 0  # no reducer on this adapter
+
+
+def test_histogram_edges():
+    assert meter.histogram([]) == {"edges": [], "counts": []}
+    h = meter.histogram([0, 1, 15, 16], bins=16)  # width ceil(17 / 16) = 2
+    assert h["edges"][:3] == [0, 2, 4] and h["edges"][-1] >= 17
+    assert h["counts"][0] == 2 and h["counts"][7] == 1 and h["counts"][8] == 1 and sum(h["counts"]) == 4
