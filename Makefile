@@ -13,10 +13,10 @@ export WANDB_MODE ?= offline
 export LOGURU_LEVEL ?= INFO
 
 .DEFAULT_GOAL := help
-.PHONY: help install test run lint format bench clean
+.PHONY: help install test run lint format bench clean mini-model
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -37,6 +37,9 @@ lint: install ## ruff check + format check
 format: install ## ruff fix + format
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+mini-model: install ## rebuild the shipped mini_shapes checkpoint (<= 60 min on 2 CPU cores)
+	$(PY) scripts/make_mini_model.py $(ARGS)
 
 bench: install ## run the speed/memory benchmarks in scripts/bench_*.py
 	@for script in scripts/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

@@ -13,6 +13,12 @@ Space = Literal["vision", "llm"]
 # through their `requires` attribute.
 VIT_CLS_ATTN = "vit_cls_attn"  # [B, N] CLS→patch attention (PruMerge definition, see models/signals.py)
 VIT_KEYS = "vit_keys"  # [B, N, C] patch keys of the attention layer that produced vit_cls_attn
+# [B, N] layer-0 LLM attention from the text after the image to each visual token (rows and heads
+# averaged); computed on the spliced, unreduced LLM input, so a reducer that asks for it runs there
+LLM_TEXT_ATTN = "llm_text_attn"
+# [B, N] GAE relevance of the answer for each visual token (explain_oracle; needs the answer)
+RELEVANCE = "relevance"
+LLM_SIGNALS = (LLM_TEXT_ATTN, RELEVANCE)  # signals computed on the LLM input, not the vision tower
 
 
 @dataclass

@@ -76,10 +76,18 @@ class Benchmark:
 
 
 def _environment() -> None:
-    os.environ.setdefault(
-        "HF_HOME", str(Path.home() / ".cache" / "huggingface")
-    )  # some tasks read it at import
-    os.environ.setdefault("LOGURU_LEVEL", "INFO")  # lmms-eval's task indexing logs thousands of DEBUG lines
+    """HF_HOME set (some lmms-eval tasks read it at import) and lmms-eval's loguru output at INFO.
+
+    loguru starts at DEBUG, and lmms-eval's task indexing logs thousands of DEBUG lines; the level
+    follows LOGURU_LEVEL when the user sets it.
+    """
+    import sys
+
+    from loguru import logger
+
+    os.environ.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    logger.remove()
+    logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"))
 
 
 def task_manager_for(benchmark: Benchmark) -> Any:

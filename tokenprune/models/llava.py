@@ -4,6 +4,11 @@ The adapter owns every model internal: it runs the CLIP tower to the layers it n
 the signals the reducer asks for, applies the reducer before ("vision") or after ("llm") the
 projector, and splices each sample's reduced tokens into the LLM input with its own count of
 `<image>` placeholders (transformers' `mm_encoder_outputs` path, for `forward` and `generate`).
+
+A reducer that reads a signal of the LLM input (`llm_text_attn`, `relevance`: `types.LLM_SIGNALS`)
+runs at the LLM input instead: the unreduced sequence is spliced first, the signal is computed on it
+(layer 0's q/k under any attention backend; the relevance by GAE, `tokenprune.explain.gae`), the
+reducer runs on the projected tokens and the kept ones are spliced again (`_prepare_at_llm_input`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,19 @@ from transformers import LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
-from tokenprune.models.signals import clip_cls_attention
+from tokenprune.models.signals import clip_cls_attention, decoder_query_key, text_to_visual_attention
 from tokenprune.models.timing import StageClock
 from tokenprune.reducers.baselines import NoReduction
-from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, VisualTokens
+from tokenprune.types import (
+    LLM_SIGNALS,
+    LLM_TEXT_ATTN,
+    RELEVANCE,
+    VIT_CLS_ATTN,
+    VIT_KEYS,
+    Reduced,
+    Reducer,
+    VisualTokens,
+)
 
 # LLaVA-1.5's vicuna_v1 conversation format, as its training and eval scripts render it.
 LLAVA15_SYSTEM = (
@@ -50,6 +64,7 @@ class ModelInputs:
     mm_encoder_outputs: dict[str, BaseModelOutputWithPooling]
     visual_tokens: list[int]  # per sample: visual tokens given to the LLM
     labels: torch.Tensor | None = None  # [B, L] answer token ids, -100 elsewhere
+    gathered_positions: bool = False  # position_ids are not the mask's cumsum (kept from the unreduced input)
 
     def as_kwargs(self) -> dict:
         kwargs = {
@@ -170,7 +185,7 @@ class LlavaAdapter:
         signals = {}
         if wants_signals:
             signals[VIT_CLS_ATTN], signals[VIT_KEYS] = clip_cls_attention(layers[-1], states[n_layers - 1])
-        missing = set(self.reducer.requires) - set(signals) - {VIT_CLS_ATTN, VIT_KEYS}
+        missing = set(self.reducer.requires) - set(signals) - {VIT_CLS_ATTN, VIT_KEYS, *LLM_SIGNALS}
         if missing:
             raise ValueError(
                 f"{type(self.reducer).__name__} requires signals {sorted(missing)} that the LLaVA adapter "
@@ -283,8 +298,10 @@ class LlavaAdapter:
         answers: Sequence[str] | None = None,
     ) -> ModelInputs:
         """Questions and their images (and answers, for training) -> the reduced, spliced LLM inputs."""
-        counts, features = self._encode_samples(images)
         prompts = [self.format_prompt(q, len(sample)) for q, sample in zip(questions, images)]
+        if self.reduces_at_llm_input:
+            return self._prepare_at_llm_input(prompts, images, answers)
+        counts, features = self._encode_samples(images)
         return self.splice(prompts, counts, features, answers)
 
     def _encode_samples(
@@ -318,7 +335,8 @@ class LlavaAdapter:
             clock.begin()
         inputs = self.prepare(questions, images)
         kwargs = inputs.as_kwargs()
-        kwargs.pop("position_ids")  # generate derives them from the attention mask, step by step
+        if not inputs.gathered_positions:
+            kwargs.pop("position_ids")  # generate derives them from the attention mask, step by step
         if not kwargs["mm_encoder_outputs"]:
             kwargs.pop("mm_encoder_outputs")
         if clock is not None:
@@ -356,8 +374,217 @@ class LlavaAdapter:
         The reducer runs in the forward (not under no_grad), so the loss reaches the projector
         through the reduced tokens.
         """
+        if self.reduces_at_llm_input:
+            if RELEVANCE in self.reducer.requires:
+                raise ValueError("a reducer that reads `relevance` (explain_oracle) is for evaluation only")
+            return self._prepare_at_llm_input(conversations, images)
         counts, features = self._encode_samples(images)
         return self.splice(conversations, counts, features)
+
+    # ------------------------------------------------------------------ reduction at the LLM input
+    @property
+    def reduces_at_llm_input(self) -> bool:
+        """Whether the reducer reads a signal of the spliced LLM input (it then runs there)."""
+        return any(name in LLM_SIGNALS for name in self.reducer.requires)
+
+    def _prepare_at_llm_input(
+        self,
+        prompts: Sequence[str | Sequence[tuple[str, bool]]],
+        images: Sequence[Sequence[Image.Image]],
+        answers: Sequence[str] | None = None,
+    ) -> ModelInputs:
+        """Splice every visual token, compute the LLM-input signals, reduce, splice the kept tokens.
+
+        Positions follow the reducer's `positions` attribute: "gather" keeps every kept token's (and
+        the text's) position of the unreduced sequence, gaps allowed, and decoding continues from the
+        last one; "renumber" (also the default for a reducer without the attribute) numbers the
+        reduced sequence contiguously, as for any other reducer.
+        """
+        flat = [image for sample in images for image in sample]
+        if not flat:
+            return self.splice(prompts, [[] for _ in images], [], answers)
+        tokens = self.visual_tokens(self.preprocess(flat))
+        projected = self.model.model.multi_modal_projector(tokens.features)  # [I, N, D_llm]
+        n = projected.shape[1]
+        full = self.splice(prompts, [[n] * len(sample) for sample in images], list(projected), answers)
+        signals = dict(tokens.signals)
+        if LLM_TEXT_ATTN in self.reducer.requires:
+            signals[LLM_TEXT_ATTN] = self.text_attention(full)
+        if RELEVANCE in self.reducer.requires:
+            signals[RELEVANCE] = self._oracle_relevance(prompts, images, projected, answers)
+        reduced = self.reducer(VisualTokens(projected, tokens.grid, signals))
+        lengths = reduced.lengths.tolist()
+        kept = iter(lengths)
+        counts = [[next(kept) for _ in sample] for sample in images]
+        features = [f[:k] for f, k in zip(reduced.features, lengths)]
+        inputs = self.splice(prompts, counts, features, answers)
+        if getattr(self.reducer, "positions", "renumber") == "gather":
+            inputs.position_ids = self._gathered_positions(full, inputs, reduced)
+            inputs.gathered_positions = True
+        return inputs
+
+    def input_embeddings(self, inputs: ModelInputs) -> torch.Tensor:
+        """The LLM's input [B, L, D]: token embeddings with the visual tokens scattered in (as LlavaModel does)."""
+        embeds = self.model.get_input_embeddings()(inputs.input_ids)  # [B, L, D]
+        features = inputs.mm_encoder_outputs.get("image")
+        if features is None:
+            return embeds
+        visual = torch.cat(list(features.pooler_output)).to(embeds.device, embeds.dtype)  # [sum k, D]
+        mask = (inputs.input_ids == self.image_token_id).unsqueeze(-1)  # [B, L, 1]
+        return embeds.masked_scatter(mask, visual)
+
+    def image_blocks(self, inputs: ModelInputs) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
+        """Where each image sits in an *unreduced* splice, and the text rows after it.
+
+        Returns:
+            blocks: per image (flat, sample order), (sample, first column, token count).
+            rows: [I, L] bool; the real, non-visual tokens after the image's block and before the
+                first labelled (answer) token: the rows `llm_text_attn` averages.
+        """
+        n = self.grid[0] * self.grid[1]
+        is_image = inputs.input_ids == self.image_token_id  # [B, L]
+        length = is_image.shape[1]
+        positions = torch.arange(length, device=is_image.device)
+        text = inputs.attention_mask.bool() & ~is_image  # [B, L]
+        if inputs.labels is not None:
+            labelled = inputs.labels != -100
+            first = torch.where(labelled.any(-1), labelled.int().argmax(-1), length)  # [B]
+            text &= positions[None] < first[:, None]
+        blocks, rows = [], []
+        for b, starts in enumerate(is_image.sum(-1).tolist()):
+            if starts % n:
+                raise ValueError(
+                    f"sample {b} has {starts} image tokens, not a multiple of {n}: reduced input?"
+                )
+            for start in is_image[b].nonzero().squeeze(1)[::n].tolist():
+                blocks.append((b, start, n))
+                rows.append(text[b] & (positions >= start + n))
+        return blocks, torch.stack(rows) if rows else text[:0]
+
+    @torch.no_grad()
+    def text_attention(self, inputs: ModelInputs) -> torch.Tensor:
+        """`llm_text_attn` [I, N] float32 of an unreduced splice: layer-0 attention from the text after
+        each image to its visual tokens, averaged over those rows and the heads (see `image_blocks`).
+
+        Computed from layer 0's input norm, q/k projections and the model's rotary embedding
+        (`tokenprune.models.signals`), whatever attention backend the model runs.
+        """
+        language_model = self.model.model.language_model
+        blocks, rows = self.image_blocks(inputs)
+        embeds = self.input_embeddings(inputs)  # [B, L, D]
+        query, key, scale = decoder_query_key(
+            language_model.layers[0], language_model.rotary_emb, embeds, inputs.position_ids
+        )
+        return text_to_visual_attention(query, key, scale, inputs.attention_mask, blocks, rows)
+
+    def answer_relevance(
+        self,
+        inputs: ModelInputs,
+        answer_ids: Sequence[Sequence[int]],
+        target: str = "logit",
+    ) -> torch.Tensor:
+        """GAE relevance [I, N] float32 of each sample's answer for its visual tokens (notes §1, §6.3).
+
+        Args:
+            inputs: an unreduced splice of the prompts only (no labels).
+            answer_ids: per sample, the answer tokens to explain (teacher-forced after the prompt);
+                each one is explained at the position that predicts it and the rows are averaged.
+            target: the differentiated score: "logit" (GAE's convention) or "logprob".
+        """
+        from tokenprune.explain.gae import relevance_row
+
+        blocks, _ = self.image_blocks(inputs)
+        embeds = self.input_embeddings(inputs).detach()  # [B, L, D]
+        out = embeds.new_zeros(len(blocks), self.grid[0] * self.grid[1], dtype=torch.float32)
+        for b, answer in enumerate(answer_ids):
+            images = [i for i, block in enumerate(blocks) if block[0] == b]
+            if not images or not answer:
+                continue
+            valid = inputs.attention_mask[b].bool()  # left padding dropped
+            offset = int((~valid).sum())
+            answer_t = torch.tensor(list(answer), device=embeds.device)
+            sequence = torch.cat([embeds[b, valid], self.model.get_input_embeddings()(answer_t)])  # [S, D]
+            prompt_length = int(valid.sum())
+            targets = [(prompt_length - 1 + t, int(y)) for t, y in enumerate(answer)]
+            positions = torch.arange(sequence.shape[0], device=embeds.device)[None]
+            row = relevance_row(
+                self.model, self.model.model.language_model, sequence[None], positions, targets, target
+            )  # [S]
+            for i in images:
+                _, first, count = blocks[i]
+                out[i] = row[first - offset : first - offset + count]
+        return out
+
+    def _oracle_relevance(
+        self,
+        prompts: Sequence[str | Sequence[tuple[str, bool]]],
+        images: Sequence[Sequence[Image.Image]],
+        projected: torch.Tensor,
+        answers: Sequence[str] | None,
+    ) -> torch.Tensor:
+        """`relevance` for explain_oracle: the given answers, or the unreduced model's greedy ones."""
+        n = projected.shape[1]
+        counts = [[n] * len(sample) for sample in images]
+        with torch.inference_mode(False):  # generate() runs under inference mode; GAE needs autograd
+            projected = projected.clone()
+            prompt_inputs = self.splice(prompts, counts, list(projected))
+            if answers is not None:
+                answer_ids = [self._answer_ids(a) for a in answers]
+            else:
+                answer_ids = self.greedy_answer_ids(
+                    prompt_inputs, int(getattr(self.reducer, "answer_tokens", 16))
+                )
+            if not getattr(self.reducer, "include_eos", False):
+                eos = self.tokenizer.eos_token_id
+                answer_ids = [[t for t in ids if t != eos] for ids in answer_ids]
+            target = str(getattr(self.reducer, "target", "logit"))
+            return self.answer_relevance(prompt_inputs, answer_ids, target=target).to(projected.dtype)
+
+    @torch.no_grad()
+    def greedy_answer_ids(self, inputs: ModelInputs, max_new_tokens: int) -> list[list[int]]:
+        """The model's greedy answer to each prompt of an unreduced splice: token ids up to and including EOS."""
+        kwargs = inputs.as_kwargs()
+        kwargs.pop("position_ids")
+        if not kwargs["mm_encoder_outputs"]:
+            kwargs.pop("mm_encoder_outputs")
+        output = self.model.generate(
+            **kwargs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, inputs.input_ids.shape[1] :]
+        lengths = _generated_lengths(new_tokens, self.tokenizer.eos_token_id)
+        return [row[:n].tolist() for row, n in zip(new_tokens, lengths)]
+
+    def _gathered_positions(
+        self, full: ModelInputs, reduced_inputs: ModelInputs, reduced: Reduced
+    ) -> torch.Tensor:
+        """Position ids [B, L'] of a reduced splice taken from the unreduced one: the text keeps its
+        positions, a kept visual token the position of its source patch (a synthetic token, index -1,
+        that of its grid's centre patch); left padding gets 0."""
+        blocks, _ = self.image_blocks(full)
+        h, w = self.grid
+        centre = (h // 2) * w + w // 2
+        lengths = reduced.lengths.tolist()
+        out = torch.zeros_like(reduced_inputs.position_ids)  # [B, L']
+        for b in range(full.input_ids.shape[0]):
+            valid = full.attention_mask[b].bool()
+            positions = full.position_ids[b]
+            pieces, cursor = [], 0
+            for i, (sample, first, count) in enumerate(blocks):
+                if sample != b:
+                    continue
+                pieces.append(positions[cursor:first][valid[cursor:first]])
+                index = reduced.index[i, : lengths[i]]
+                pieces.append(positions[first + torch.where(index >= 0, index, centre)])
+                cursor = first + count
+            pieces.append(positions[cursor:][valid[cursor:]])
+            row = torch.cat(pieces)
+            if row.numel() != int(reduced_inputs.attention_mask[b].sum()):
+                raise RuntimeError("gathered positions do not match the reduced splice")
+            out[b, out.shape[1] - row.numel() :] = row
+        return out
 
 
 def _generated_lengths(new_tokens: torch.Tensor, eos_token_id: int | None) -> list[int]:

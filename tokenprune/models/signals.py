@@ -139,3 +139,94 @@ def qwen_vision_attention(
         k = rotated_k[start:end].transpose(0, 1)[None]
         received[start:end] = mean_received_attention(q, k, scale)[0] * (end - start)
     return received, keys.reshape(length, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# `llm_text_attn`: layer-0 attention of the LLM from the text after an image to its visual tokens
+# (the explainability mapper's input, notes/explainability_mapper.md §2.1). Computed from layer
+# 0's own input norm, q/k projections and the model's rotary embedding on the spliced, unreduced
+# input, so the LLM itself keeps running under SDPA / FlashAttention.
+
+
+def decoder_query_key(
+    layer: nn.Module, rotary: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Rotated queries and keys of a Llama-style decoder layer (Llama, Mistral, Qwen2), in float32.
+
+    Args:
+        layer: the decoder layer (has `input_layernorm` and `self_attn.{q,k}_proj`, `self_attn.head_dim`,
+            `self_attn.scaling`).
+        rotary: the model's rotary embedding module (`rotary(x, position_ids) -> (cos, sin)`, 1-D RoPE).
+        embeds: [B, L, D] the layer's input (the LLM's input embeddings for layer 0).
+        position_ids: [B, L] the positions the model uses for this input.
+
+    Returns:
+        (query [B, H, L, d], key [B, Hkv, L, d], scale): float32, RoPE applied, keys not repeated.
+    """
+    attn = layer.self_attn
+    normed = layer.input_layernorm(embeds)  # [B, L, D]
+    b, length, _ = normed.shape
+    d = attn.head_dim
+    query = attn.q_proj(normed).view(b, length, -1, d).transpose(1, 2).float()  # [B, H, L, d]
+    key = attn.k_proj(normed).view(b, length, -1, d).transpose(1, 2).float()  # [B, Hkv, L, d]
+    cos, sin = rotary(query, position_ids)  # [B, L, d] each
+    cos, sin = cos.float()[:, None], sin.float()[:, None]  # [B, 1, L, d]
+    query = query * cos + _rotate_half(query) * sin
+    key = key * cos + _rotate_half(key) * sin
+    return query, key, float(attn.scaling)
+
+
+def text_to_visual_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    attention_mask: torch.Tensor,
+    blocks: list[tuple[int, int, int]],
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Mean causal attention from chosen query rows to each visual token of a block, over rows and heads.
+
+    The softmax of each row runs over every key it may attend to (causal, padding excluded), as the
+    model's own attention does; the visual columns are then sliced out. Grouped-query attention:
+    query head h reads key head h // (H / Hkv), as transformers' `repeat_kv`.
+
+    Args:
+        query: [B, H, L, d] rotated queries; key: [B, Hkv, L, d] rotated keys (float32).
+        scale: the softmax temperature (the layer's `scaling`).
+        attention_mask: [B, L] 1 for real tokens (left padding 0).
+        blocks: per image, (sample b, first column, visual token count n); all n equal.
+        rows: [I, L] bool, per image the query rows to average (e.g. the text after it).
+
+    Returns:
+        [I, n] float32. An image with no row gets zeros.
+    """
+    b, heads, length, d = query.shape
+    groups = heads // key.shape[1]
+    n = blocks[0][2] if blocks else 0
+    out = query.new_zeros(len(blocks), n)
+    positions = torch.arange(length, device=query.device)
+    for sample in range(b):
+        images = [i for i, block in enumerate(blocks) if block[0] == sample]
+        if not images:
+            continue
+        wanted = rows[images].any(0).nonzero().squeeze(1)  # [R] query rows of this sample
+        if wanted.numel() == 0:
+            continue
+        keys = key[sample].transpose(-1, -2)[:, None]  # [Hkv, 1, d, L]
+        visible = attention_mask[sample].bool()  # [L]
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, heads * length))
+        probs = []
+        for start in range(0, wanted.numel(), chunk):
+            r = wanted[start : start + chunk]  # [c]
+            q = query[sample][:, r].view(-1, groups, r.numel(), d)  # [Hkv, G, c, d]
+            logits = torch.matmul(q, keys) * scale  # [Hkv, G, c, L]
+            allowed = (positions[None, :] <= r[:, None]) & visible[None, :]  # [c, L]
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            probs.append(logits.softmax(dim=-1).mean(dim=(0, 1)))  # [c, L] head mean
+        attention = torch.cat(probs)  # [R, L]
+        for i in images:
+            _, first, count = blocks[i]
+            chosen = rows[i][wanted]  # [R]
+            if bool(chosen.any()):
+                out[i] = attention[chosen, first : first + count].mean(dim=0)
+    return out
