@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokenprune-installed
 ARGS ?=
 PYTEST_ARGS ?=
+EXP ?=
+comma := ,
+empty :=
+space := $(empty) $(empty)
 # Offline by default: nothing downloads weights or datasets at test or default run time.
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -13,7 +17,7 @@ export WANDB_MODE ?= offline
 export LOGURU_LEVEL ?= INFO
 
 .DEFAULT_GOAL := help
-.PHONY: help install test run lint format bench clean mini-model
+.PHONY: help install test run tables reproduce lint format bench clean mini-model
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,6 +33,14 @@ test: install ## set up, then run the test suite
 
 run: install ## set up, then run the main job on the embedded default (extra Hydra overrides: ARGS=...)
 	$(PY) -m tokenprune.train reducer=prumerge_plus $(ARGS)
+
+tables: install ## tables (Markdown, LaTeX) + plots from outputs/results: every experiment, or EXP=name
+	$(PY) -m tokenprune.tables $(if $(EXP),experiment=$(subst $(space),$(comma),$(strip $(EXP)))) $(ARGS)
+
+reproduce: install ## EXP=name [ARGS="launcher=slurm ..."]: the experiment's sweep, then its tables and plots
+	@test -n "$(EXP)" || { echo "usage: make reproduce EXP=<name> [ARGS=...]  (names: configs/experiment/*.yaml)"; exit 2; }
+	@for exp in $(EXP); do echo "== sweep $$exp"; $(PY) -m tokenprune.train -m experiment=$$exp $(ARGS) || exit 1; done
+	$(PY) -m tokenprune.tables experiment=$(subst $(space),$(comma),$(strip $(EXP))) $(ARGS)
 
 lint: install ## ruff check + format check
 	$(PY) -m ruff check .

@@ -1,7 +1,8 @@
 """Result files: one self-describing JSON per run (+ per-sample JSONL), written atomically.
 
-Schema (`SCHEMA`): name, run (times, git sha + dirty flag, package versions, host, device, command),
-choices (config group options), config (fully resolved), metrics (`bench/<task>/<metric>`,
+Schema (`SCHEMA`): name, config_hash (`config_hash` of the resolved config: a rerun with the same hash
+is skipped unless `force=true`), run (times, git sha + dirty flag, package versions, host, device,
+command), choices (config group options), config (fully resolved), metrics (`bench/<task>/<metric>`,
 `train/...`; with compare_to_full also `full/...`, `pct_of_full/...`, `agreement/<task>`), efficiency
 (`visual_tokens_mean/min/max`, `samples`, `failed_samples`, `wall_time_s`), eff (the efficiency
 meter's `eff/<name>` block, tokenprune/eval/meter.py), tasks (where each task's data came from),
@@ -27,8 +28,9 @@ from typing import Any
 
 SCHEMA = "tokenprune.result/1"
 PACKAGES = ("tokenprune", "torch", "transformers", "lmms_eval", "peft", "lightning", "hydra-core", "datasets")
-# Config keys that say where things are, not what was run: excluded from the name hash.
-_LOCATION_KEYS = ("paths", "run")
+# Config keys that say where things are or how to run, not what was run: excluded from the name hash
+# (`experiment` is the table a run belongs to, so a run shared by two experiments is done once).
+_LOCATION_KEYS = ("paths", "run", "force", "experiment")
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -44,6 +46,19 @@ def result_name(config: Mapping[str, Any], choices: Mapping[str, str]) -> str:
         return str(explicit)
     parts = [choices.get(g, "custom") for g in ("model", "reducer", "benchmark", "train")]
     return "-".join([*parts, config_hash(config)])
+
+
+def finished(path: str | os.PathLike, digest: str) -> dict[str, Any] | None:
+    """The result at `path` if it exists and was run from the config with hash `digest`, else None.
+
+    A result without a recorded hash (written before the hash was recorded) counts as a match: its
+    name already carries the hash unless `run.name` was set.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    result = read_result(path)
+    return result if result.get("config_hash", digest) == digest else None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -87,7 +87,7 @@ class SampleStore:
         return self.path
 
     def clear(self) -> None:
-        """Forget earlier records (a run with run.overwrite=true)."""
+        """Forget earlier records (a run with force=true)."""
         for file in [self.path, *self.part_files()]:
             file.unlink(missing_ok=True)
 

@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.config import choices
-from tokenprune.results import read_result, result_name, run_info, write_result
+from tokenprune.results import config_hash, finished, result_name, run_info, write_result
 
 log = logging.getLogger(__name__)
 PROMPT_SETS = ("lmms_eval", "llava15")
@@ -355,9 +355,9 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate the composed config and write its result file; returns the result.
 
-    A finished result with the same deterministic name is returned as it is (set run.overwrite=true
-    to evaluate again), so a rerun sweep skips what is done; an unfinished one resumes from its
-    per-sample records.
+    A finished result of the same resolved config (its `config_hash`) is returned as it is (set
+    force=true to evaluate again), so a rerun sweep skips what is done; an unfinished one resumes from
+    its per-sample records. A result under the same explicit `run.name` from another config is redone.
     """
     from hydra.utils import instantiate
 
@@ -365,13 +365,15 @@ def run(
 
     picked = choices()
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    name = result_name(resolved, picked)
+    name, digest = result_name(resolved, picked), config_hash(resolved)
     path = Path(cfg.paths.results) / f"{name}.json"
-    if path.exists() and not cfg.run.overwrite:
-        log.info("result exists, skipping (run.overwrite=true to redo): %s", path)
-        return read_result(path)
+    force = bool(cfg.get("force"))
+    if not force and (done := finished(path, digest)) is not None:
+        log.info("result exists, skipping (force=true to redo): %s", path)
+        return done
+    stale = path.exists()  # forced, or another config under the same run.name: its records don't apply
     samples_file = path.with_suffix(".samples.jsonl")
-    if cfg.run.overwrite and int(os.environ.get("RANK", "0")) == 0:
+    if (force or stale) and int(os.environ.get("RANK", "0")) == 0:
         SampleStore(samples_file).clear()
         SampleStore(samples_file.with_suffix(".full.jsonl")).clear()
     started = datetime.now(timezone.utc)
@@ -396,6 +398,7 @@ def run(
     efficiency = {**outcome["efficiency"], "wall_time_s": info["wall_time_s"]}
     result = {
         "name": name,
+        "config_hash": digest,
         "run": info,
         "choices": picked,
         "config": resolved,

@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.config import choices
-from tokenprune.results import config_hash, read_result, result_name
+from tokenprune.results import config_hash, finished, result_name
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if train.get("adapter"):
         log.info("train.adapter is set: evaluating %s without fitting", train.adapter)
         return evaluate(cfg)
-    path = (
-        Path(cfg.paths.results) / f"{result_name(OmegaConf.to_container(cfg, resolve=True), choices())}.json"
-    )
-    if path.exists() and not cfg.run.overwrite:
-        log.info("result exists, skipping fit and evaluation (run.overwrite=true to redo): %s", path)
-        return read_result(path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    path = Path(cfg.paths.results) / f"{result_name(resolved, choices())}.json"
+    if not cfg.get("force") and (done := finished(path, config_hash(resolved))) is not None:
+        log.info("result exists, skipping fit and evaluation (force=true to redo): %s", path)
+        return done
 
     def build_adapter(dtype: str | None) -> Any:
         overrides = {"dtype": dtype} if dtype else {}
