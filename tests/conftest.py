@@ -43,11 +43,19 @@ def random_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def clip_like_signals(b: int, n: int, c: int, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """CLS attention with a few strong outliers (as CLIP's) and random keys."""
+    """CLS attention with a few strong outliers (as CLIP's) and random keys; for LLM-input reducers the
+    layer-0 text->visual attention (a distribution with outliers, [B, N]) and a relevance vector."""
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(b, n + 1, generator=generator)
     spikes = torch.randint(0, n, (b, max(1, n // 40)), generator=generator)
     logits.scatter_add_(1, spikes + 1, 4 + 2 * torch.rand(spikes.shape, generator=generator))
     attention = logits.softmax(-1)[:, 1:]
     keys = torch.randn(b, n, c, generator=generator)
-    return {"vit_cls_attn": attention.to(dtype), "vit_keys": keys.to(dtype)}
+    text_attn = (torch.randn(b, n, generator=generator) + 3 * (attention > attention.median())).softmax(-1)
+    relevance = torch.rand(b, n, generator=generator) * text_attn
+    return {
+        "vit_cls_attn": attention.to(dtype),
+        "vit_keys": keys.to(dtype),
+        "llm_text_attn": text_attn.to(dtype),
+        "relevance": relevance.to(dtype),
+    }

@@ -17,7 +17,7 @@ from tokenprune.config import compose, group_options
 from tokenprune.models.qwen2vl import Qwen2VLAdapter
 from tokenprune.reducers.baselines import UniformSample
 from tokenprune.reducers.prumerge import PruMerge
-from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Video, VisualTokens
+from tokenprune.types import LLM_SIGNALS, VIT_CLS_ATTN, VIT_KEYS, Video, VisualTokens
 
 VERSIONS = ["tiny_qwen2vl", "tiny_qwen25vl"]
 QUESTIONS = ["What color is the square?", "How many objects are there?", "Is there a circle?", "Say yes."]
@@ -297,6 +297,10 @@ def test_every_reducer_runs(built, name, overrides):
     """Forward + generate with every configs/reducer option; visual counts are the reducer's lengths."""
     reducer = instantiate(compose([f"reducer={name}", *overrides]).reducer)
     adapter = load(built["tiny_qwen2vl"], reducer)
+    if set(reducer.requires) & set(LLM_SIGNALS):  # LLM-input signals: the LLaVA adapter's only, so far
+        with pytest.raises(ValueError, match="does not compute"):
+            adapter.prepare(QUESTIONS[:1], [random_images(1)])
+        return
     images, videos = [random_images(2, seed=7), []], [[], [video_array(3)]]
     with torch.no_grad():
         expected = []

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tokenprune.types import Reducer, Video, VisualTokens
+from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video, VisualTokens
 
 
 @dataclass
@@ -80,7 +80,20 @@ class SplicedInputs:
 
 
 def reduce_views(reducer: Reducer, views: Sequence[View]) -> list[ReducedView]:
-    """Run `reducer` over `views`, one batched call per distinct grid; results in the views' order."""
+    """Run `reducer` over `views`, one batched call per distinct grid; results in the views' order.
+
+    Raises:
+        ValueError: the reducer requires a signal these views do not carry (e.g. an LLM-input signal,
+            which only the LLaVA adapter computes so far).
+    """
+    available = set(views[0].signals) if views else set()
+    missing = sorted(set(reducer.requires) - available)
+    if missing:
+        raise ValueError(
+            f"{type(reducer).__name__} requires signals {missing} that this adapter does not compute "
+            f"(it computes {sorted({VIT_CLS_ATTN, VIT_KEYS})}; LLM-input signals such as llm_text_attn "
+            "are computed by the LLaVA adapter only so far)"
+        )
     groups: dict[tuple[int, int], list[int]] = {}
     for i, view in enumerate(views):
         groups.setdefault(view.grid, []).append(i)

@@ -395,10 +395,9 @@ class LlavaAdapter:
     ) -> ModelInputs:
         """Splice every visual token, compute the LLM-input signals, reduce, splice the kept tokens.
 
-        Positions follow the reducer's `positions` attribute: "gather" keeps every kept token's (and
-        the text's) position of the unreduced sequence, gaps allowed, and decoding continues from the
-        last one; "renumber" (also the default for a reducer without the attribute) numbers the
-        reduced sequence contiguously, as for any other reducer.
+        Positions follow the reducer's `positions`: "gather" keeps the unreduced positions of the text
+        and the kept tokens (gaps allowed; decoding continues from the last one); "renumber" (also
+        without the attribute) numbers the reduced sequence contiguously, as for any other reducer.
         """
         flat = [image for sample in images for image in sample]
         if not flat:
@@ -478,10 +477,7 @@ class LlavaAdapter:
         return text_to_visual_attention(query, key, scale, inputs.attention_mask, blocks, rows)
 
     def answer_relevance(
-        self,
-        inputs: ModelInputs,
-        answer_ids: Sequence[Sequence[int]],
-        target: str = "logit",
+        self, inputs: ModelInputs, answer_ids: Sequence[Sequence[int]], target: str = "logit"
     ) -> torch.Tensor:
         """GAE relevance [I, N] float32 of each sample's answer for its visual tokens (notes §1, §6.3).
 
@@ -502,10 +498,11 @@ class LlavaAdapter:
                 continue
             valid = inputs.attention_mask[b].bool()  # left padding dropped
             offset = int((~valid).sum())
-            answer_t = torch.tensor(list(answer), device=embeds.device)
-            sequence = torch.cat([embeds[b, valid], self.model.get_input_embeddings()(answer_t)])  # [S, D]
-            prompt_length = int(valid.sum())
-            targets = [(prompt_length - 1 + t, int(y)) for t, y in enumerate(answer)]
+            answer_embeds = self.model.get_input_embeddings()(
+                torch.tensor(list(answer), device=embeds.device)
+            )
+            sequence = torch.cat([embeds[b, valid], answer_embeds])  # [S, D]
+            targets = [(int(valid.sum()) - 1 + t, int(y)) for t, y in enumerate(answer)]
             positions = torch.arange(sequence.shape[0], device=embeds.device)[None]
             row = relevance_row(
                 self.model, self.model.model.language_model, sequence[None], positions, targets, target
@@ -523,22 +520,19 @@ class LlavaAdapter:
         answers: Sequence[str] | None,
     ) -> torch.Tensor:
         """`relevance` for explain_oracle: the given answers, or the unreduced model's greedy ones."""
-        n = projected.shape[1]
-        counts = [[n] * len(sample) for sample in images]
+        counts = [[projected.shape[1]] * len(sample) for sample in images]
         with torch.inference_mode(False):  # generate() runs under inference mode; GAE needs autograd
-            projected = projected.clone()
-            prompt_inputs = self.splice(prompts, counts, list(projected))
+            prompt_inputs = self.splice(prompts, counts, list(projected.clone()))
             if answers is not None:
                 answer_ids = [self._answer_ids(a) for a in answers]
             else:
-                answer_ids = self.greedy_answer_ids(
-                    prompt_inputs, int(getattr(self.reducer, "answer_tokens", 16))
-                )
+                most = int(getattr(self.reducer, "answer_tokens", 16))
+                answer_ids = self.greedy_answer_ids(prompt_inputs, most)
             if not getattr(self.reducer, "include_eos", False):
                 eos = self.tokenizer.eos_token_id
                 answer_ids = [[t for t in ids if t != eos] for ids in answer_ids]
             target = str(getattr(self.reducer, "target", "logit"))
-            return self.answer_relevance(prompt_inputs, answer_ids, target=target).to(projected.dtype)
+            return self.answer_relevance(prompt_inputs, answer_ids, target=target)  # float32: no bf16 ties
 
     @torch.no_grad()
     def greedy_answer_ids(self, inputs: ModelInputs, max_new_tokens: int) -> list[list[int]]:
@@ -547,11 +541,9 @@ class LlavaAdapter:
         kwargs.pop("position_ids")
         if not kwargs["mm_encoder_outputs"]:
             kwargs.pop("mm_encoder_outputs")
+        pad = self.tokenizer.pad_token_id
         output = self.model.generate(
-            **kwargs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
+            **kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
         )
         new_tokens = output[:, inputs.input_ids.shape[1] :]
         lengths = _generated_lengths(new_tokens, self.tokenizer.eos_token_id)
