@@ -143,13 +143,3 @@ def left_pad(rows: Sequence[Sequence[int]], fill: int, device: torch.device) -> 
     """Left-pad integer rows to the longest one -> [B, L]."""
     width = max(len(r) for r in rows)
     return torch.tensor([[fill] * (width - len(r)) + list(r) for r in rows], device=device)
-
-
-def generated_lengths(new_tokens: torch.Tensor, eos_token_id: int | None) -> list[int]:
-    """Per row, the generated tokens up to and including the first EOS (all of them without one)."""
-    width = new_tokens.shape[1]
-    if eos_token_id is None or width == 0:
-        return [width] * new_tokens.shape[0]
-    is_eos = new_tokens == eos_token_id  # [B, G]
-    first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, width)  # [B]
-    return first.tolist()

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
 from tokenprune.models.signals import clip_cls_attention, decoder_query_key, text_to_visual_attention
-from tokenprune.models.timing import StageClock
+from tokenprune.models.timing import generate_answers, generated_lengths
 from tokenprune.reducers.baselines import NoReduction
 from tokenprune.types import (
     LLM_SIGNALS,
@@ -330,33 +329,15 @@ class LlavaAdapter:
                 decode_steps, total_ms, timer) and per-sample `text_tokens` (prompt tokens other
                 than visual ones) and `new_tokens` (generated, up to and including EOS).
         """
-        clock = StageClock(self.device) if timing is not None else None
-        if clock is not None:
-            clock.begin()
-        inputs = self.prepare(questions, images)
-        kwargs = inputs.as_kwargs()
-        if not inputs.gathered_positions:
-            kwargs.pop("position_ids")  # generate derives them from the attention mask, step by step
-        if not kwargs["mm_encoder_outputs"]:
-            kwargs.pop("mm_encoder_outputs")
-        if clock is not None:
-            clock.end_encode()
-            kwargs["logits_processor"] = LogitsProcessorList([clock.logits_processor()])
-        output = self.model.generate(
-            **kwargs,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **generate_kwargs,
+        return generate_answers(
+            self.model,
+            self.tokenizer,
+            lambda: self.prepare(questions, images),
+            _generate_inputs,
+            max_new_tokens,
+            timing,
+            generate_kwargs,
         )
-        new_tokens = output[:, inputs.input_ids.shape[1] :]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        if clock is not None:
-            timing.update(clock.summary())
-            timing["text_tokens"] = [
-                int(n) - v for n, v in zip(inputs.attention_mask.sum(-1).tolist(), inputs.visual_tokens)
-            ]
-            timing["new_tokens"] = _generated_lengths(new_tokens, self.tokenizer.eos_token_id)
-        return [t.strip() for t in texts], inputs.visual_tokens
 
     def prepare_conversations(
         self,
@@ -546,7 +527,7 @@ class LlavaAdapter:
             **kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
         )
         new_tokens = output[:, inputs.input_ids.shape[1] :]
-        lengths = _generated_lengths(new_tokens, self.tokenizer.eos_token_id)
+        lengths = generated_lengths(new_tokens, self.tokenizer.eos_token_id)
         return [row[:n].tolist() for row, n in zip(new_tokens, lengths)]
 
     def _gathered_positions(
@@ -579,14 +560,15 @@ class LlavaAdapter:
         return out
 
 
-def _generated_lengths(new_tokens: torch.Tensor, eos_token_id: int | None) -> list[int]:
-    """Per row, the generated tokens up to and including the first EOS (all of them without one)."""
-    width = new_tokens.shape[1]
-    if eos_token_id is None or width == 0:
-        return [width] * new_tokens.shape[0]
-    is_eos = new_tokens == eos_token_id  # [B, G]
-    first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, width)  # [B]
-    return first.tolist()
+def _generate_inputs(inputs: ModelInputs) -> dict:
+    """The spliced inputs as `generate` takes them: positions only when gathered (else generate
+    derives them from the attention mask), no empty `mm_encoder_outputs`."""
+    kwargs = inputs.as_kwargs()
+    if not inputs.gathered_positions:
+        kwargs.pop("position_ids")
+    if not kwargs["mm_encoder_outputs"]:
+        kwargs.pop("mm_encoder_outputs")
+    return kwargs
 
 
 def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:

@@ -44,12 +44,12 @@ from tokenprune.models._views import (
     ReducedView,
     SplicedInputs,
     View,
-    generated_lengths,
     left_pad,
     reduce_views,
     video_frames,
 )
 from tokenprune.models.signals import siglip_attention
+from tokenprune.models.timing import generate_answers
 from tokenprune.reducers.baselines import NoReduction
 from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
 
@@ -445,31 +445,19 @@ class LlavaOnevisionAdapter:
                 (`tokenprune.models.timing.StageClock.summary`) and per-sample `text_tokens` and
                 `new_tokens`, as the LLaVA adapter does.
         """
-        from transformers import LogitsProcessorList
-
-        from tokenprune.models.timing import StageClock
-
-        clock = StageClock(self.device) if timing is not None else None
-        if clock is not None:
-            clock.begin()
-        inputs = self.prepare(questions, images, videos)
-        kwargs = inputs.as_kwargs()
-        kwargs.pop("position_ids")  # generate derives them from the attention mask, step by step
-        if clock is not None:
-            clock.end_encode()
-            kwargs["logits_processor"] = LogitsProcessorList([clock.logits_processor()])
-        output = self.model.generate(
-            **kwargs,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **generate_kwargs,
+        return generate_answers(
+            self.model,
+            self.tokenizer,
+            lambda: self.prepare(questions, images, videos),
+            _without_position_ids,
+            max_new_tokens,
+            timing,
+            generate_kwargs,
         )
-        new_tokens = output[:, inputs.input_ids.shape[1] :]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        if clock is not None:
-            timing.update(clock.summary())
-            timing["text_tokens"] = [
-                int(n) - v for n, v in zip(inputs.attention_mask.sum(-1).tolist(), inputs.visual_tokens)
-            ]
-            timing["new_tokens"] = generated_lengths(new_tokens, self.tokenizer.eos_token_id)
-        return [t.strip() for t in texts], inputs.visual_tokens
+
+
+def _without_position_ids(inputs: SplicedInputs) -> dict:
+    """generate derives the 1-D positions from the attention mask, step by step."""
+    kwargs = inputs.as_kwargs()
+    kwargs.pop("position_ids")
+    return kwargs

@@ -9,6 +9,7 @@ the hot path; `summary()` synchronises once and converts them to milliseconds.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,3 +72,60 @@ class StageClock:
             "total_ms": self._ms(self.start, end),
             "timer": "cuda_events" if self.cuda else "wall_clock",
         }
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prepare: Callable[[], Any],
+    model_kwargs: Callable[[Any], dict[str, Any]],
+    max_new_tokens: int,
+    timing: dict | None,
+    generate_kwargs: dict[str, Any],
+) -> tuple[list[str], list[int]]:
+    """The generation loop every adapter shares: prepare, generate, decode, and optionally time it.
+
+    Args:
+        model: the HF model (its `generate` and `device`).
+        tokenizer: pads and decodes.
+        prepare: builds the spliced inputs (`input_ids`, `attention_mask`, `visual_tokens`).
+        model_kwargs: the inputs -> the keyword arguments of `model.generate` (the adapter decides
+            which of its inputs generate receives, e.g. gathered position ids or none).
+        timing: if a dict is given, it is filled with the batch's stage times (`StageClock.summary`)
+            and per-sample `text_tokens` (prompt tokens other than visual ones) and `new_tokens`
+            (generated, up to and including EOS).
+
+    Returns:
+        the stripped answers and each sample's visual token count.
+    """
+    clock = StageClock(model.device) if timing is not None else None
+    if clock is not None:
+        clock.begin()
+    inputs = prepare()
+    kwargs = model_kwargs(inputs)
+    if clock is not None:
+        from transformers import LogitsProcessorList
+
+        clock.end_encode()
+        kwargs["logits_processor"] = LogitsProcessorList([clock.logits_processor()])
+    output = model.generate(
+        **kwargs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **generate_kwargs
+    )
+    new_tokens = output[:, inputs.input_ids.shape[1] :]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    if clock is not None:
+        timing.update(clock.summary())
+        prompt_lengths = inputs.attention_mask.sum(-1).tolist()
+        timing["text_tokens"] = [int(n) - v for n, v in zip(prompt_lengths, inputs.visual_tokens)]
+        timing["new_tokens"] = generated_lengths(new_tokens, tokenizer.eos_token_id)
+    return [t.strip() for t in texts], inputs.visual_tokens
+
+
+def generated_lengths(new_tokens: torch.Tensor, eos_token_id: int | None) -> list[int]:
+    """Per row, the generated tokens up to and including the first EOS (all of them without one)."""
+    width = new_tokens.shape[1]
+    if eos_token_id is None or width == 0:
+        return [width] * new_tokens.shape[0]
+    is_eos = new_tokens == eos_token_id  # [B, G]
+    first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, width)  # [B]
+    return first.tolist()
