@@ -77,6 +77,7 @@ class Recipe:
     stage0_weight_decay: float = 0.05
     stage0_warmup: int = 50
     stage0_patch_weight: float = 0.0  # auxiliary per-patch object-label loss (0: CLS objective only)
+    stage0_background_weight: float = 1.0  # weight of the "no object" class in the per-patch loss
     # stage 1: projector + LM on the train split's instruction JSON
     stage1_records: int = 12_000
     stage1_epochs: int = 1
@@ -233,6 +234,8 @@ def train_stage0(model, processor, recipe: Recipe, log: Log) -> dict[str, Any]:
         params, lr=recipe.stage0_lr, betas=recipe.betas, weight_decay=recipe.stage0_weight_decay
     )
     scheduler = _schedule(optimizer, recipe.stage0_warmup, recipe.stage0_steps)
+    patch_class_weight = torch.ones(1 + len(PAIRS))
+    patch_class_weight[0] = recipe.stage0_background_weight
     tower.train()
     start, window = time.perf_counter(), defaultdict(list)
     history = []
@@ -247,7 +250,9 @@ def train_stage0(model, processor, recipe: Recipe, log: Log) -> dict[str, Any]:
         count_loss = nn.functional.cross_entropy(count_logits, counts)
         loss = presence_loss * len(PAIRS) / 4 + count_loss  # per-type BCE summed over a few types
         if recipe.stage0_patch_weight:
-            patch_loss = nn.functional.cross_entropy(patch_logits.flatten(0, 1), patches.flatten())
+            patch_loss = nn.functional.cross_entropy(
+                patch_logits.flatten(0, 1), patches.flatten(), weight=patch_class_weight
+            )
             loss = loss + recipe.stage0_patch_weight * patch_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
