@@ -92,8 +92,32 @@ def test_reducer_budget_and_batched_mode():
     assert bool((out.index.diff(dim=-1) > 0).all())  # original order
     batched = ExplainMapper(ratio=0.5, batch_invariant=False)(tokens)
     assert (batched.index == out.index).float().mean() > 0.95  # may differ only at near-ties
-    with pytest.raises(ValueError, match="only the LLaVA adapter"):
+    with pytest.raises(ValueError, match="needs the `llm_text_attn` signal of the LLM input"):
         ExplainMapper(ratio=0.5)(VisualTokens(tokens.features, (6, 8), {}))
+
+
+def test_one_mapper_per_modality(tmp_path):
+    """video_checkpoint: the adapters reduce video tokens with `for_modality("video")`, which scores with
+    the video mapper and shares the budget; without it videos use the image mapper."""
+    nets = {}
+    for seed, kind in ((1, "image"), (2, "video")):
+        torch.manual_seed(seed)
+        nets[kind] = MapperNet(MapperConfig(channels=[8, 16]))
+        save_mapper(nets[kind], tmp_path / kind)
+    x = attention_like(40, 4)[None]
+    tokens = VisualTokens(torch.randn(1, 40, 8), (5, 8), {LLM_TEXT_ATTN: x})
+    reducer = ExplainMapper(
+        checkpoint=str(tmp_path / "image"), video_checkpoint=str(tmp_path / "video"), ratio=0.25
+    )
+    for kind in ("image", "video"):
+        want = torch.sort(nets[kind](x)[0], descending=True, stable=True).indices[:10].sort().values
+        assert torch.equal(reducer.for_modality(kind)(tokens).index[0], want)
+    reducer.keep = 4  # the video mapper follows the reducer's settings
+    assert reducer.for_modality("video")(tokens).lengths.tolist() == [4]
+    single = ExplainMapper(checkpoint=str(tmp_path / "image"), ratio=0.25)
+    assert single.for_modality("video") is single
+    with pytest.raises(ValueError, match="modality"):
+        single.for_modality("audio")
 
 
 def test_target_and_loss():

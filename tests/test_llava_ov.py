@@ -17,6 +17,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import Llava
 
 from tokenprune.config import compose, group_options
 from tokenprune.models.llava_ov import LlavaOnevisionAdapter
+from tokenprune.reducers._ops import resolve_budget
 from tokenprune.reducers.baselines import UniformSample
 from tokenprune.reducers.prumerge import PruMerge
 from tokenprune.types import LLM_SIGNALS, VIT_CLS_ATTN, VIT_KEYS, Video, VisualTokens
@@ -273,11 +274,25 @@ def test_every_reducer_runs(ov_path, name, overrides):
     per view plus the newlines of the layout (a view it keeps whole is packed as the model packs it)."""
     reducer = instantiate(compose([f"reducer={name}", *overrides]).reducer)
     adapter = load(ov_path, reducer)
-    if set(reducer.requires) & set(LLM_SIGNALS):  # LLM-input signals: the LLaVA adapter's only, so far
-        with pytest.raises(ValueError, match="does not compute"):
-            adapter.prepare(QUESTIONS[:1], [random_images(1)])
-        return
     images, videos = [[big_image()], random_images(2, seed=7), []], [[], [], [video_array(3)]]
+    if set(reducer.requires) & set(LLM_SIGNALS):  # at the LLM input: each image / video one sequence
+        with torch.no_grad():
+            full = load(ov_path).prepare(QUESTIONS[:3], images, videos)
+            expected = [0, 0, 0]
+            for block in full.blocks:  # the kept non-newline tokens, then one newline
+                expected[block.sample] += (
+                    resolve_budget(block.columns.numel(), reducer.keep, reducer.ratio) + 1
+                )
+            inputs = adapter.prepare(QUESTIONS[:3], images, videos)
+            logits = adapter.model(**inputs.as_kwargs()).logits
+        assert inputs.visual_tokens == expected and torch.isfinite(logits).all()
+        placeholders = (inputs.input_ids == adapter.image_token_id) | (
+            inputs.input_ids == adapter.video_token_id
+        )
+        assert placeholders.sum(-1).tolist() == expected
+        texts, counts = adapter.generate(QUESTIONS[:3], images, videos, max_new_tokens=3)
+        assert counts == expected and len(texts) == 3
+        return
 
     def kept(view):
         tokens = VisualTokens(view.features[None], view.grid, {k: v[None] for k, v in view.signals.items()})

@@ -15,6 +15,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from tokenprune.config import compose, group_options
 from tokenprune.models.qwen2vl import Qwen2VLAdapter
+from tokenprune.reducers._ops import resolve_budget
 from tokenprune.reducers.baselines import UniformSample
 from tokenprune.reducers.prumerge import PruMerge
 from tokenprune.types import LLM_SIGNALS, VIT_CLS_ATTN, VIT_KEYS, Video, VisualTokens
@@ -297,24 +298,26 @@ def test_every_reducer_runs(built, name, overrides):
     """Forward + generate with every configs/reducer option; visual counts are the reducer's lengths."""
     reducer = instantiate(compose([f"reducer={name}", *overrides]).reducer)
     adapter = load(built["tiny_qwen2vl"], reducer)
-    if set(reducer.requires) & set(LLM_SIGNALS):  # LLM-input signals: the LLaVA adapter's only, so far
-        with pytest.raises(ValueError, match="does not compute"):
-            adapter.prepare(QUESTIONS[:1], [random_images(1)])
-        return
     images, videos = [random_images(2, seed=7), []], [[], [video_array(3)]]
     with torch.no_grad():
         expected = []
-        for sample_images, sample_videos in zip(images, videos):
-            total = 0
-            for batch in ([adapter.preprocess(sample_images)] if sample_images else []) + (
-                [adapter.preprocess_videos(sample_videos)[:2]] if sample_videos else []
-            ):
-                for view in adapter.views(adapter.tower(*batch), batch[1]):
-                    tokens = VisualTokens(
-                        view.features[None], view.grid, {k: v[None] for k, v in view.signals.items()}
-                    )
-                    total += int(reducer(tokens).lengths[0])
-            expected.append(total)
+        if set(reducer.requires) & set(LLM_SIGNALS):  # at the LLM input: each image / video one sequence
+            full = load(built["tiny_qwen2vl"]).prepare(QUESTIONS[:2], images, videos)
+            expected = [0, 0]
+            for block in full.blocks:
+                expected[block.sample] += resolve_budget(block.count, reducer.keep, reducer.ratio)
+        else:  # per view (frame group)
+            for sample_images, sample_videos in zip(images, videos):
+                total = 0
+                for batch in ([adapter.preprocess(sample_images)] if sample_images else []) + (
+                    [adapter.preprocess_videos(sample_videos)[:2]] if sample_videos else []
+                ):
+                    for view in adapter.views(adapter.tower(*batch), batch[1]):
+                        tokens = VisualTokens(
+                            view.features[None], view.grid, {k: v[None] for k, v in view.signals.items()}
+                        )
+                        total += int(reducer(tokens).lengths[0])
+                expected.append(total)
         inputs = adapter.prepare(QUESTIONS[:2], images, videos)
         logits = adapter.model(**inputs.as_kwargs()).logits
     assert inputs.visual_tokens == expected

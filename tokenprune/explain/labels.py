@@ -10,9 +10,13 @@ For every sample of a question-answer source (`configs/data/`), on the *unreduce
 3. the target: the GAE relevance of the explained answer (`label.explain`: the model's own
    generated tokens, or the reference answer teacher-forced), EOS excluded unless
    `label.include_eos`, one backward per answer token (`tokenprune.explain.gae`);
-4. one record per image (input vector, relevance vector, grid, sample id) into sharded files
-   (`tokenprune.explain.shards`). A rerun skips every sample already labelled or skipped, so a
-   killed run resumes (losing at most the unwritten shard buffer).
+4. one record per image or video (input vector, relevance vector, grid, modality, sample id) into
+   sharded files (`tokenprune.explain.shards`). A rerun skips every sample already labelled or
+   skipped, so a killed run resumes (losing at most the unwritten shard buffer).
+
+Any adapter with the LLM-input signals works: LLaVA (one record per image, its 24x24 grid),
+Qwen2-VL / Qwen2.5-VL and LLaVA-OneVision (one record per image or video, the grid of the tokens
+their LLM-input reducers see: a video's frames are one record with frames > 1).
 
 Samples are processed one at a time (the relevance needs one backward per answer token per
 sample anyway); the answer generation is the only step a batch would speed up.
@@ -26,7 +30,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +50,17 @@ NO_IMAGE = "no_image"
 
 @dataclass
 class LabelSample:
-    """One question about one or more images, with its reference answer (or why it cannot be used)."""
+    """One question about images and/or videos, with its reference answer (or why it cannot be used).
+
+    `videos` (each a `tokenprune.types.Video` or its frames) need an adapter with `supports_video`.
+    """
 
     id: str
     question: str
     reference: str
     images: list[Image.Image]
     problem: str | None = None  # a skip reason (missing / corrupt image, no image, ...)
+    videos: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -185,8 +193,13 @@ def label_sample(
     adapter: Any, sample: LabelSample, settings: LabelSettings
 ) -> tuple[list[LabelRecord], str | None, dict]:
     """Records of one sample, or the reason it is skipped; plus what was answered (for the log)."""
+    media = {}
+    if sample.videos:
+        if not getattr(adapter, "supports_video", False):
+            raise ValueError(f"sample {sample.id} has videos, which {type(adapter).__name__} does not take")
+        media["videos"] = [sample.videos]
     with torch.no_grad():
-        inputs = adapter.prepare([sample.question], [sample.images])
+        inputs = adapter.prepare([sample.question], [sample.images], **media)
         generated = adapter.greedy_answer_ids(inputs, settings.max_new_tokens)[0]
     answer = adapter.tokenizer.decode(generated, skip_special_tokens=True).strip()
     info = {"answer": answer, "reference": sample.reference}
@@ -198,10 +211,14 @@ def label_sample(
     if not explained:
         return [], EMPTY_ANSWER, info
     with torch.no_grad():
-        text_attn = adapter.text_attention(inputs)  # [I, N]
-    relevance = adapter.answer_relevance(inputs, [explained], target=settings.target)  # [I, N]
-    h, w = adapter.grid
-    many = text_attn.shape[0] > 1
+        text_attn = adapter.text_attention(inputs)  # per image / video: [I, N] or a list of [N_i]
+    relevance = adapter.answer_relevance(inputs, [explained], target=settings.target)  # the same
+    blocks = getattr(inputs, "blocks", None)  # Qwen2-VL, LLaVA-OneVision: where each image / video is
+    if blocks:
+        grids, modalities = [b.grid for b in blocks], [b.modality for b in blocks]
+    else:  # LLaVA: images of one grid
+        grids, modalities = [(1, *adapter.grid)] * len(text_attn), ["image"] * len(text_attn)
+    many = len(text_attn) > 1
     text = adapter.tokenizer.decode(explained, skip_special_tokens=True).strip()
     records = [
         LabelRecord(
@@ -209,10 +226,11 @@ def label_sample(
             sample=sample.id,
             text_attn=text_attn[j],
             relevance=relevance[j],
-            grid=(1, h, w),
+            grid=tuple(grids[j]),
             answer=text,
+            modality=modalities[j],
         )
-        for j in range(text_attn.shape[0])
+        for j in range(len(text_attn))
     ]
     return records, None, info
 

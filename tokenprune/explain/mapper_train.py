@@ -289,6 +289,14 @@ class MapperStage:
             log.info("mapper stage already finished in %s (train.resume=null redoes it)", output_dir)
             return FitResult(meta["info"].get("metrics", {}), mapper_dir)
         records = read_labels(self.labels)
+        modalities = sorted({r.modality for r in records})
+        if len(modalities) > 1:
+            log.warning(
+                "the label records mix modalities %s; the paper trains one mapper per modality "
+                "(set train.labels to one modality's label folders; a video mapper is used with "
+                "reducer.video_checkpoint)",
+                modalities,
+            )
         if self.data.max_records is not None:
             records = records[: self.data.max_records]
         train, val = split_records(records, self.data.val_fraction)

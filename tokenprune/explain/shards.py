@@ -8,12 +8,14 @@ A label folder holds
         offsets    [S + 1] int64     record s is [offsets[s], offsets[s+1])
         grids      [S, 3]  int64     (frames, rows, cols) of each record's visual tokens
       metadata (strings): format, version, ids (JSON list: record ids), samples (JSON list: the
-      sample id of each record), answers (JSON list: the explained answer text)
+      sample id of each record), answers (JSON list: the explained answer text), modalities (JSON
+      list: "image" | "video"; absent in older shards: all images)
     skipped.jsonl               one line per skipped sample: {"id", "reason", ...} (appended, fsynced)
     summary.json                counts and settings, rewritten at the end of every run
 
-A record is one image of one sample (`<sample id>` for a single-image sample, `<sample id>/<j>`
-otherwise); a video's frames as one sequence would be one record with frames > 1.
+A record is one image or video of one sample (`<sample id>` for a sample with one, `<sample id>/<j>`
+otherwise); a video's frames are one sequence, one record with frames > 1. The paper trains one
+mapper per modality: train the video mapper on video label folders only.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class LabelRecord:
     relevance: torch.Tensor  # [N] float32
     grid: tuple[int, int, int]  # (frames, rows, cols)
     answer: str = ""
+    modality: str = "image"  # image | video
 
 
 class ShardWriter:
@@ -105,6 +108,7 @@ class ShardWriter:
             "ids": json.dumps([r.id for r in records]),
             "samples": json.dumps([r.sample for r in records]),
             "answers": json.dumps([r.answer for r in records]),
+            "modalities": json.dumps([r.modality for r in records]),
         }
         path = self.folder / f"shard-{self.next_shard:05d}.safetensors"
         tmp = path.with_suffix(".safetensors.tmp")
@@ -140,6 +144,7 @@ def read_labels(folders: Sequence[str | Path], tensors: bool = True) -> list[Lab
                 raise ValueError(f"{path} is not a {FORMAT} shard")
             ids, samples = json.loads(meta["ids"]), json.loads(meta["samples"])
             answers = json.loads(meta.get("answers", "[]")) or [""] * len(ids)
+            modalities = json.loads(meta.get("modalities", "[]")) or ["image"] * len(ids)
             grids = handle.get_tensor("grids").tolist()
             empty = torch.zeros(0)
             if tensors:
@@ -151,7 +156,7 @@ def read_labels(folders: Sequence[str | Path], tensors: bool = True) -> list[Lab
                     x, y = attn[a:b].clone(), rel[a:b].clone()
                 else:
                     x = y = empty
-                records.append(LabelRecord(rid, sample, x, y, tuple(grids[s]), answers[s]))
+                records.append(LabelRecord(rid, sample, x, y, tuple(grids[s]), answers[s], modalities[s]))
     return records
 
 

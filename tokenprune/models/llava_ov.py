@@ -27,6 +27,10 @@ Adapter decisions (docs/models.md):
   packed like the features (per-tile attention, then cut and shrunk); a shrunk or pooled attention
   map is rescaled to keep its total, so a merged token weighs what it covers.
 * Positions are the usual 1-D ones (`generate` derives them from the attention mask).
+* **At the LLM input** (reducers reading `llm_text_attn` / `relevance`): the model's own tokens are
+  spliced, the signals computed on that splice (`_views.LlmInput`), and each image (base and canvas
+  together) and video (all frames) reduced as one sequence of its non-newline tokens; a reduced item
+  is its kept tokens, then one newline. `positions="gather"` keeps the unreduced positions.
 """
 
 from __future__ import annotations
@@ -41,17 +45,21 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
 from tokenprune.models._views import (
+    Block,
+    LlmInput,
     ReducedView,
     SplicedInputs,
     View,
+    gathered_positions,
     left_pad,
+    reduce_items,
     reduce_views,
     video_frames,
 )
 from tokenprune.models.signals import siglip_attention
 from tokenprune.models.timing import generate_answers
 from tokenprune.reducers.baselines import NoReduction
-from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
+from tokenprune.types import LLM_SIGNALS, VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
 
 OV_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -76,6 +84,23 @@ class Crops:
     crops: list[int]
     sizes: list[list[int]]
     anyres: list[bool]
+
+
+@dataclass
+class Item:
+    """One image or video as the LLM receives it.
+
+    Attributes:
+        tokens: [k, D] its LLM tokens, newlines included.
+        newline: [k] bool; the layout's newline tokens (never reduced at the LLM input).
+        grid: (frames, rows, cols) of its unreduced non-newline tokens as a reducer at the LLM input
+            sees them: (1, S, S) for a base-only image, (1, 1, S*S + canvas cells) for an anyres image
+            (base then canvas: no single grid), (T, s, s) for a video of T pooled frames.
+    """
+
+    tokens: torch.Tensor
+    newline: torch.Tensor
+    grid: tuple[int, int, int]
 
 
 class LlavaOnevisionAdapter:
@@ -113,6 +138,9 @@ class LlavaOnevisionAdapter:
             raise ValueError(
                 "the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json"
             )
+        self.llm_input = LlmInput(
+            model, tokenizer, {"image": self.image_token_id, "video": self.video_token_id}, _generate_kwargs
+        )
 
     @classmethod
     def from_pretrained(
@@ -231,7 +259,7 @@ class LlavaOnevisionAdapter:
         self, crops: Crops, tower: dict[str, torch.Tensor], projected: torch.Tensor | None
     ) -> list[list[View]]:
         """Per image its views, [base] or [base, canvas], with features in the reducer's space."""
-        features = tower["features"] if self.reducer.space == "vision" else projected  # [C, N, D]
+        features = tower["features"] if self.view_reducer.space == "vision" else projected  # [C, N, D]
         attention, keys = tower.get(VIT_CLS_ATTN), tower.get(VIT_KEYS)  # [C, N], [C, N, Ck]
         cut = self.side**2
         out, start = [], 0
@@ -264,7 +292,7 @@ class LlavaOnevisionAdapter:
     def video_views(self, tower: dict[str, torch.Tensor], projected: torch.Tensor | None) -> list[View]:
         """One view per frame: its 2x2-pooled grid (the model's bilinear pooling), features in the reducer's space."""
         pool = self.model.model.apply_pooling
-        features = pool(tower["features"] if self.reducer.space == "vision" else projected)  # [T, n, D]
+        features = pool(tower["features"] if self.view_reducer.space == "vision" else projected)  # [T, n, D]
         attention = tower.get(VIT_CLS_ATTN)
         attention = None if attention is None else pool(attention.unsqueeze(-1)).squeeze(-1)  # [T, n]
         keys = None if VIT_KEYS not in tower else pool(tower[VIT_KEYS])  # [T, n, C]
@@ -287,47 +315,71 @@ class LlavaOnevisionAdapter:
         if not changed:
             return out
         tokens = torch.cat([reduced[i].features for i in changed])  # [sum k, C or D]
-        if self.reducer.space == "vision":
+        if self.view_reducer.space == "vision":
             tokens = self.model.model.multi_modal_projector(tokens)  # [sum k, D]
         for i, part in zip(changed, tokens.split([reduced[i].features.shape[0] for i in changed])):
             out[i] = part
         return out
 
+    @property
+    def view_reducer(self) -> Reducer:
+        """The reducer of the views: the adapter's, or the identity when it runs at the LLM input (the
+        views then give the model's own tokens, which are reduced after the signals are computed)."""
+        return NoReduction() if self.reduces_at_llm_input else self.reducer
+
     def encode_images(self, crops: Crops) -> list[torch.Tensor]:
         """Preprocessed images -> per image its LLM tokens [k_i, D] (reduced views, newlines included)."""
+        return [item.tokens for item in self.image_items(crops)]
+
+    def image_items(self, crops: Crops) -> list[Item]:
+        """Preprocessed images -> per image its LLM tokens with their newline layout."""
         projector = self.model.model.multi_modal_projector
         newline = self.model.model.image_newline
+        reducer = self.view_reducer
         tower = self.tower(crops.pixel_values)
-        projected = projector(tower["features"]) if self.reducer.space == "llm" else None  # [C, N, D]
+        projected = projector(tower["features"]) if reducer.space == "llm" else None  # [C, N, D]
         per_image = self.image_views(crops, tower, projected)
-        reduced = reduce_views(self.reducer, [view for views in per_image for view in views])
+        reduced = reduce_views(reducer, [view for views in per_image for view in views])
         if projected is None and any(r.unchanged for r in reduced):
             projected = projector(tower["features"])  # the model's own tokens
         tokens = iter(self._to_llm(reduced))
         unchanged = iter([r.unchanged for r in reduced])
         out, start = [], 0
-        for n, size, anyres in zip(crops.crops, crops.sizes, crops.anyres):
+        for n, size, anyres, views in zip(crops.crops, crops.sizes, crops.anyres, per_image):
             base, base_same = next(tokens), next(unchanged)
             parts = [projected[start] if base_same else base]
             if anyres:
                 canvas, canvas_same = next(tokens), next(unchanged)
+                rows, cols = views[1].grid
                 if canvas_same:  # the model's packing: canvas rows, each ended by a newline
                     parts.append(self._pack(projected[start : start + n], size, newline)[self.side**2 :])
+                    ends = torch.arange(rows * (cols + 1)) % (cols + 1) == cols
                 else:
                     parts += [canvas, newline[None].to(canvas.dtype)]
+                    ends = torch.arange(canvas.shape[0] + 1) == canvas.shape[0]
+                grid = (1, 1, self.side**2 + rows * cols)
             else:
                 parts.append(newline[None].to(parts[0].dtype))
-            out.append(torch.cat(parts))
+                ends = torch.tensor([True])
+                grid = (1, self.side, self.side)
+            mask = torch.cat([torch.zeros(parts[0].shape[0], dtype=torch.bool), ends])
+            out.append(Item(torch.cat(parts), mask, grid))
             start += n
         return out
 
     def encode_videos(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per video its frames [T, 3, S, S] -> per video its LLM tokens (reduced frames, then one newline)."""
+        return [item.tokens for item in self.video_items(videos)]
+
+    def video_items(self, videos: Sequence[torch.Tensor]) -> list[Item]:
+        """Per video its frames [T, 3, S, S] -> per video its LLM tokens with their newline layout."""
         projector = self.model.model.multi_modal_projector
         newline = self.model.model.image_newline
+        reducer = self.view_reducer
         tower = self.tower(torch.cat(list(videos)))
-        projected = projector(tower["features"]) if self.reducer.space == "llm" else None  # [T, N, D]
-        reduced = reduce_views(self.reducer, self.video_views(tower, projected))
+        projected = projector(tower["features"]) if reducer.space == "llm" else None  # [T, N, D]
+        views = self.video_views(tower, projected)
+        reduced = reduce_views(reducer, views)
         if projected is None and any(r.unchanged for r in reduced):
             projected = projector(tower["features"])
         pooled = None if projected is None else self.model.model.apply_pooling(projected)  # [T, n, D]
@@ -335,11 +387,12 @@ class LlavaOnevisionAdapter:
             pooled[t] if r.unchanged else part
             for t, (r, part) in enumerate(zip(reduced, self._to_llm(reduced)))
         ]
+        side = views[0].grid[0]
         out, start = [], 0
         for video in videos:
-            out.append(
-                torch.cat([*frames[start : start + video.shape[0]], newline[None].to(frames[0].dtype)])
-            )
+            tokens = torch.cat([*frames[start : start + video.shape[0]], newline[None].to(frames[0].dtype)])
+            mask = torch.arange(tokens.shape[0]) == tokens.shape[0] - 1
+            out.append(Item(tokens, mask, (video.shape[0], side, side)))
             start += video.shape[0]
         return out
 
@@ -353,24 +406,26 @@ class LlavaOnevisionAdapter:
     def splice(
         self,
         prompts: Sequence[str],
-        counts: Sequence[Sequence[tuple[int, int]]],
-        image_tokens: list[torch.Tensor],
-        video_tokens: list[torch.Tensor],
+        media: Sequence[Sequence[tuple[str, int]]],
+        image_items: Sequence[Item],
+        video_items: Sequence[Item],
         answers: Sequence[str] | None = None,
     ) -> SplicedInputs:
         """Tokenize prompts and give every image/video its count of placeholders.
 
         Args:
             prompts: one string per sample with one "<image>" ("<video>") per image (video).
-            counts: per sample, (token id, count) for each of its placeholders in prompt order.
-            image_tokens, video_tokens: per image / video (flat, in sample order) [k_i, D_llm].
+            media: per sample, ("image" | "video", flat item index) of each placeholder in prompt order.
+            image_items, video_items: per image / video (flat, in sample order), its LLM tokens.
             answers: per sample, the assistant's reply for teacher forcing (answer + eos, labelled).
         """
-        rows, targets = [], []
-        for b, (prompt, sample) in enumerate(zip(prompts, counts)):
+        token_of = {"image": self.image_token_id, "video": self.video_token_id}
+        items = {"image": image_items, "video": video_items}
+        rows, targets, placed = [], [], []
+        for b, (prompt, sample) in enumerate(zip(prompts, media)):
             ids = self.tokenizer(prompt)["input_ids"]
             slots = [t for t in ids if t in (self.image_token_id, self.video_token_id)]
-            if slots != [token for token, _ in sample]:
+            if slots != [token_of[modality] for modality, _ in sample]:
                 raise ValueError(
                     f"prompt has {slots.count(self.image_token_id)} <image> and {slots.count(self.video_token_id)} "
                     f"<video> placeholders, not matching the sample's media: {prompt!r}"
@@ -378,11 +433,14 @@ class LlavaOnevisionAdapter:
             remaining = iter(sample)
             row: list[int] = []
             for token in ids:
-                row.extend(
-                    [token] * next(remaining)[1]
-                    if token in (self.image_token_id, self.video_token_id)
-                    else [token]
-                )
+                if token in (self.image_token_id, self.video_token_id):
+                    modality, index = next(remaining)
+                    item = items[modality][index]
+                    columns = (~item.newline).nonzero().squeeze(1)
+                    placed.append((b, len(row), item.tokens.shape[0], modality, index, item.grid, columns))
+                    row.extend([token] * item.tokens.shape[0])
+                else:
+                    row.append(token)
             answer = [] if answers is None else self._answer_ids(answers[b])
             rows.append(row + answer)
             targets.append([-100] * len(row) + answer)
@@ -391,13 +449,17 @@ class LlavaOnevisionAdapter:
         attention_mask = left_pad([[1] * len(r) for r in rows], 0, device)  # [B, L]
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [B, L]
         outputs = {}
-        if image_tokens:
-            outputs["image"] = BaseModelOutputWithPooling(pooler_output=image_tokens)
-        if video_tokens:  # the model flattens [*, *, D]: one row of all videos' tokens in order
-            outputs["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(video_tokens)[None])
+        if image_items:
+            outputs["image"] = BaseModelOutputWithPooling(pooler_output=[i.tokens for i in image_items])
+        if video_items:  # the model flattens [*, *, D]: one row of all videos' tokens in order
+            outputs["video"] = BaseModelOutputWithPooling(
+                pooler_output=torch.cat([i.tokens for i in video_items])[None]
+            )
         labels = None if answers is None else left_pad(targets, -100, device)
-        visual = [sum(count for _, count in sample) for sample in counts]
-        return SplicedInputs(input_ids, attention_mask, position_ids, outputs, visual, labels)
+        width = input_ids.shape[1]
+        blocks = [Block(b, width - len(rows[b]) + at, *rest) for b, at, *rest in placed]
+        visual = [sum(k.count for k in blocks if k.sample == b) for b in range(len(rows))]
+        return SplicedInputs(input_ids, attention_mask, position_ids, outputs, visual, labels, blocks)
 
     def prepare(
         self,
@@ -412,17 +474,87 @@ class LlavaOnevisionAdapter:
             raise ValueError(
                 f"{len(questions)} questions, {len(images)} image lists, {len(videos)} video lists"
             )
-        image_tokens = self.encode_images(self.preprocess(images)) if any(images) else []
+        image_items = self.image_items(self.preprocess(images)) if any(images) else []
         flat_videos = [video for sample in videos for video in sample]
-        video_tokens = self.encode_videos(self.preprocess_videos(flat_videos)) if flat_videos else []
-        next_image, next_video = iter(image_tokens), iter(video_tokens)
-        counts = [
-            [(self.image_token_id, next(next_image).shape[0]) for _ in sample_images]
-            + [(self.video_token_id, next(next_video).shape[0]) for _ in sample_videos]
-            for sample_images, sample_videos in zip(images, videos)
-        ]
+        video_items = self.video_items(self.preprocess_videos(flat_videos)) if flat_videos else []
+        media, counter = [], {"image": 0, "video": 0}
+        for sample_images, sample_videos in zip(images, videos):
+            media.append([])
+            for modality, count in (("image", len(sample_images)), ("video", len(sample_videos))):
+                media[-1] += [(modality, counter[modality] + i) for i in range(count)]
+                counter[modality] += count
         prompts = [self.format_prompt(q, len(i), len(v)) for q, i, v in zip(questions, images, videos)]
-        return self.splice(prompts, counts, image_tokens, video_tokens, answers)
+        if self.reduces_at_llm_input:
+            return self._prepare_at_llm_input(prompts, media, image_items, video_items, answers)
+        return self.splice(prompts, media, image_items, video_items, answers)
+
+    # ------------------------------------------------------------------ reduction at the LLM input
+    @property
+    def reduces_at_llm_input(self) -> bool:
+        """Whether the reducer reads a signal of the spliced LLM input (it then runs there)."""
+        return any(name in LLM_SIGNALS for name in self.reducer.requires)
+
+    def _prepare_at_llm_input(
+        self,
+        prompts: Sequence[str],
+        media: Sequence[Sequence[tuple[str, int]]],
+        image_items: list[Item],
+        video_items: list[Item],
+        answers: Sequence[str] | None,
+    ) -> SplicedInputs:
+        """Splice every visual token, compute the LLM-input signals, reduce each image and video as one
+        sequence of its non-newline tokens, splice the kept ones (then one newline) per item. Positions:
+        `reducer.positions` "gather" keeps the unreduced ones (a reduced item's newline takes its last
+        newline's), "renumber" (or no such attribute) numbers the reduced sequence contiguously."""
+        full = self.splice(prompts, media, image_items, video_items, answers)
+
+        def prompt_inputs() -> SplicedInputs:  # autograd-usable copies (explain_oracle)
+            cloned = [
+                [Item(i.tokens.clone(), i.newline, i.grid) for i in items]
+                for items in (image_items, video_items)
+            ]
+            return self.splice(prompts, media, *cloned)
+
+        given = None if answers is None else [self._answer_ids(a) for a in answers]
+        signals = self.llm_input.signals(self.reducer, full, prompt_inputs, given)
+        reduced: dict[str, list[Item]] = {"image": [], "video": []}
+        sources: dict[tuple[str, int], torch.Tensor] = {}
+        for modality, items in (("image", image_items), ("video", video_items)):
+            columns = [(~item.newline).nonzero().squeeze(1) for item in items]
+            features = [item.tokens[c] for item, c in zip(items, columns)]
+            results = reduce_items(self.reducer, modality, features, [i.grid for i in items], signals)
+            for index, (item, kept, result) in enumerate(zip(items, columns, results)):
+                count = item.tokens.shape[0]
+                if result.unchanged:  # exactly the model's own tokens
+                    reduced[modality].append(item)
+                    sources[(modality, index)] = torch.arange(count)
+                else:  # the kept tokens, then the item's last newline
+                    tokens = torch.cat([result.features, item.tokens[-1:]])
+                    ends = torch.arange(len(tokens)) == len(tokens) - 1
+                    reduced[modality].append(Item(tokens, ends, item.grid))
+                    sources[(modality, index)] = torch.cat(
+                        [kept[result.index.cpu()], torch.tensor([count - 1])]
+                    )
+        inputs = self.splice(prompts, media, reduced["image"], reduced["video"], answers)
+        if getattr(self.reducer, "positions", "renumber") == "gather":
+            inputs.position_ids = gathered_positions(full, inputs, sources)
+            inputs.gathered_positions = True
+        return inputs
+
+    def text_attention(self, inputs: SplicedInputs) -> list[torch.Tensor]:
+        """`llm_text_attn` of an unreduced splice: per image / video (`inputs.blocks`), [n] float32 over
+        its non-newline tokens."""
+        return self.llm_input.text_attention(inputs)
+
+    def answer_relevance(
+        self, inputs: SplicedInputs, answer_ids: Sequence[Sequence[int]], target: str = "logit"
+    ) -> list[torch.Tensor]:
+        """GAE relevance of each sample's answer per image / video of an unreduced prompt splice."""
+        return self.llm_input.answer_relevance(inputs, answer_ids, target)
+
+    def greedy_answer_ids(self, inputs: SplicedInputs, max_new_tokens: int) -> list[list[int]]:
+        """The model's greedy answer to each prompt: token ids up to and including EOS."""
+        return self.llm_input.greedy_answer_ids(inputs, max_new_tokens)
 
     @torch.inference_mode()
     def generate(
@@ -449,15 +581,17 @@ class LlavaOnevisionAdapter:
             self.model,
             self.tokenizer,
             lambda: self.prepare(questions, images, videos),
-            _without_position_ids,
+            _generate_kwargs,
             max_new_tokens,
             timing,
             generate_kwargs,
         )
 
 
-def _without_position_ids(inputs: SplicedInputs) -> dict:
-    """generate derives the 1-D positions from the attention mask, step by step."""
+def _generate_kwargs(inputs: SplicedInputs) -> dict:
+    """The spliced inputs as `generate` takes them: positions only when gathered from the unreduced
+    sequence (it continues them +1 per step); otherwise generate derives them from the attention mask."""
     kwargs = inputs.as_kwargs()
-    kwargs.pop("position_ids")
+    if not inputs.gathered_positions:
+        kwargs.pop("position_ids")
     return kwargs

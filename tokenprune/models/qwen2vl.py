@@ -29,6 +29,12 @@ Adapter decisions (docs/models.md):
 * **Video.** Frames are resized like images (one size per video, `video_min_pixels` ..
   `video_max_pixels`), patchified into `temporal_patch_size` frame groups as Qwen2VLVideoProcessor
   does (which itself needs torchvision), and reduced per frame group.
+* **At the LLM input** (a reducer that reads `llm_text_attn` / `relevance`, e.g. the explainability
+  mapper): every image and video is spliced unreduced, the signals are computed on that splice
+  (`_views.LlmInput`: layer 0's q/k with the M-RoPE (t, h, w) positions of `get_rope_index`), and
+  each image, and each video with all its frame groups as one sequence (grid (t * h', w')), is
+  reduced among the merger's output tokens; the kept ones are spliced with their unpruned M-RoPE
+  positions gathered, as for any reducer.
 """
 
 from __future__ import annotations
@@ -42,16 +48,19 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
 from tokenprune.models._views import (
+    Block,
+    LlmInput,
     SplicedInputs,
     View,
     left_pad,
+    reduce_items,
     reduce_views,
     video_frames,
 )
 from tokenprune.models.signals import qwen_vision_attention
 from tokenprune.models.timing import generate_answers
 from tokenprune.reducers.baselines import NoReduction
-from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
+from tokenprune.types import LLM_SIGNALS, VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
 
 QWEN_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -125,6 +134,12 @@ class Qwen2VLAdapter:
             raise ValueError(
                 "the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json"
             )
+        self.llm_input = LlmInput(
+            model,
+            tokenizer,
+            {"image": self.image_token_id, "video": self.video_token_id},
+            lambda inputs: inputs.as_kwargs(),  # position_ids [4, B, L]: generate extends each row by +1
+        )
 
     @classmethod
     def from_pretrained(
@@ -362,7 +377,7 @@ class Qwen2VLAdapter:
             answers: per sample, the assistant's reply for teacher forcing (answer + eos, labelled).
         """
         rope_index = self.model.model.get_rope_index
-        rows, targets, positions, counts = [], [], [], []
+        rows, targets, positions, counts, placed = [], [], [], [], []
         for b, prompt in enumerate(prompts):
             ids = self.tokenizer(prompt)["input_ids"]
             answer = [] if answers is None else self._answer_ids(answers[b])
@@ -379,6 +394,10 @@ class Qwen2VLAdapter:
                 if token in pending:
                     media = encoded_images if token == self.image_token_id else encoded_videos
                     item = pending[token].pop(0)
+                    t, h, w = media.grid_thw[item].tolist()
+                    modality = "image" if token == self.image_token_id else "video"
+                    grid = (t, h // self.merge, w // self.merge)
+                    placed.append((b, len(row), len(media.sources[item]), modality, item, grid))
                     start = len(full)
                     full += [token] * media.full[item]
                     types += [1 if token == self.image_token_id else 2] * media.full[item]
@@ -418,7 +437,8 @@ class Qwen2VLAdapter:
         if encoded_videos is not None and encoded_videos.features:
             outputs["video"] = BaseModelOutputWithPooling(pooler_output=encoded_videos.features)
         labels = None if answers is None else left_pad(targets, -100, device)
-        return SplicedInputs(input_ids, attention_mask, position_ids, outputs, counts, labels)
+        blocks = [Block(b, width - len(rows[b]) + at, *rest) for b, at, *rest in placed]
+        return SplicedInputs(input_ids, attention_mask, position_ids, outputs, counts, labels, blocks)
 
     def prepare(
         self,
@@ -435,11 +455,89 @@ class Qwen2VLAdapter:
             )
         flat_images = [image for sample in images for image in sample]
         flat_videos = [video for sample in videos for video in sample]
-        encoded_images = self.encode(*self.preprocess(flat_images)) if flat_images else None
-        encoded_videos = self.encode(*self.preprocess_videos(flat_videos)) if flat_videos else None
         image_ids, video_ids = _number(images), _number(videos)
         prompts = [self.format_prompt(q, len(i), len(v)) for q, i, v in zip(questions, images, videos)]
+        if self.reduces_at_llm_input:
+            full_images = self.unreduced(*self.preprocess(flat_images)) if flat_images else None
+            full_videos = self.unreduced(*self.preprocess_videos(flat_videos)) if flat_videos else None
+            return self._prepare_at_llm_input(
+                prompts, image_ids, video_ids, full_images, full_videos, answers
+            )
+        encoded_images = self.encode(*self.preprocess(flat_images)) if flat_images else None
+        encoded_videos = self.encode(*self.preprocess_videos(flat_videos)) if flat_videos else None
         return self.splice(prompts, image_ids, video_ids, encoded_images, encoded_videos, answers)
+
+    # ------------------------------------------------------------------ reduction at the LLM input
+    @property
+    def reduces_at_llm_input(self) -> bool:
+        """Whether the reducer reads a signal of the spliced LLM input (it then runs there)."""
+        return any(name in LLM_SIGNALS for name in self.reducer.requires)
+
+    def unreduced(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, seconds: Sequence[float] = ()
+    ) -> EncodedMedia:
+        """Flattened patches of some images (or videos) -> every item's merged tokens, unreduced."""
+        merged = self.tower(pixel_values, grid_thw)["merged"]  # [U, D]
+        counts = [t * h * w // self.merge**2 for t, h, w in grid_thw.tolist()]
+        sources = [torch.arange(n) for n in counts]
+        return EncodedMedia(list(merged.split(counts)), sources, counts, grid_thw, list(seconds))
+
+    def _prepare_at_llm_input(
+        self,
+        prompts: Sequence[str],
+        image_ids: Sequence[Sequence[int]],
+        video_ids: Sequence[Sequence[int]],
+        images: EncodedMedia | None,
+        videos: EncodedMedia | None,
+        answers: Sequence[str] | None,
+    ) -> SplicedInputs:
+        """Splice every visual token, compute the LLM-input signals, reduce each image and video as one
+        sequence, and splice the kept tokens with their unpruned M-RoPE positions (`splice` gathers them).
+
+        Raises:
+            ValueError: the reducer asks for `positions="renumber"`: M-RoPE positions are (t, h, w)
+                grid coordinates, which a 1-D renumbering cannot give; they are always gathered.
+        """
+        if getattr(self.reducer, "positions", "gather") != "gather":
+            raise ValueError(
+                "Qwen2-VL keeps the M-RoPE (t, h, w) positions of the unpruned sequence for every kept "
+                f"token; positions={self.reducer.positions!r} is not supported (use gather)"
+            )
+        full = self.splice(prompts, image_ids, video_ids, images, videos, answers)
+
+        def prompt_inputs() -> SplicedInputs:  # autograd-usable copies (explain_oracle)
+            return self.splice(prompts, image_ids, video_ids, _cloned(images), _cloned(videos))
+
+        given = None if answers is None else [self._answer_ids(a) for a in answers]
+        signals = self.llm_input.signals(self.reducer, full, prompt_inputs, given)
+        reduced = {}
+        for modality, media in (("image", images), ("video", videos)):
+            if media is None:
+                continue
+            grids = [(t, h // self.merge, w // self.merge) for t, h, w in media.grid_thw.tolist()]
+            results = reduce_items(self.reducer, modality, media.features, grids, signals)
+            reduced[modality] = EncodedMedia(
+                [r.features for r in results],
+                [r.index.cpu() for r in results],
+                media.full,
+                media.grid_thw,
+                media.seconds,
+            )
+        return self.splice(prompts, image_ids, video_ids, reduced.get("image"), reduced.get("video"), answers)
+
+    def text_attention(self, inputs: SplicedInputs) -> list[torch.Tensor]:
+        """`llm_text_attn` of an unreduced splice: per image / video (`inputs.blocks`), [n] float32."""
+        return self.llm_input.text_attention(inputs)
+
+    def answer_relevance(
+        self, inputs: SplicedInputs, answer_ids: Sequence[Sequence[int]], target: str = "logit"
+    ) -> list[torch.Tensor]:
+        """GAE relevance of each sample's answer per image / video of an unreduced prompt splice."""
+        return self.llm_input.answer_relevance(inputs, answer_ids, target)
+
+    def greedy_answer_ids(self, inputs: SplicedInputs, max_new_tokens: int) -> list[list[int]]:
+        """The model's greedy answer to each prompt: token ids up to and including EOS."""
+        return self.llm_input.greedy_answer_ids(inputs, max_new_tokens)
 
     @torch.inference_mode()
     def generate(
@@ -471,6 +569,14 @@ class Qwen2VLAdapter:
             timing,
             generate_kwargs,
         )
+
+
+def _cloned(media: EncodedMedia | None) -> EncodedMedia | None:
+    if media is None:
+        return None
+    return EncodedMedia(
+        [f.clone() for f in media.features], media.sources, media.full, media.grid_thw, media.seconds
+    )
 
 
 def _number(per_sample: Sequence[Sequence]) -> list[list[int]]:

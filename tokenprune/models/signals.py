@@ -156,14 +156,26 @@ def decoder_query_key(
     Args:
         layer: the decoder layer (has `input_layernorm` and `self_attn.{q,k}_proj`, `self_attn.head_dim`,
             `self_attn.scaling`).
-        rotary: the model's rotary embedding module (`rotary(x, position_ids) -> (cos, sin)`, 1-D RoPE).
+        rotary: the model's rotary embedding module (`rotary(x, position_ids) -> (cos, sin)`, each
+            [B, L, d]): 1-D RoPE, or Qwen2-VL's multimodal RoPE, which takes (t, h, w) positions and
+            interleaves its `mrope_section`s itself.
         embeds: [B, L, D] the layer's input (the LLM's input embeddings for layer 0).
-        position_ids: [B, L] the positions the model uses for this input.
+        position_ids: the positions the model uses for this input: [B, L] (1-D RoPE) or [3, B, L]
+            (M-RoPE: the t/h/w rows, e.g. rows 1-3 of the [4, B, L] ids the Qwen2-VL LM takes).
 
     Returns:
         (query [B, H, L, d], key [B, Hkv, L, d], scale): float32, RoPE applied, keys not repeated.
+
+    Raises:
+        ValueError: the layer attends within a sliding window (its mask is not the causal one
+            `text_to_visual_attention` applies).
     """
     attn = layer.self_attn
+    if getattr(attn, "sliding_window", None) is not None:
+        raise ValueError(
+            f"layer 0 uses sliding-window attention (window {attn.sliding_window}); llm_text_attn "
+            "supports full causal attention only"
+        )
     normed = layer.input_layernorm(embeds)  # [B, L, D]
     b, length, _ = normed.shape
     d = attn.head_dim
@@ -194,15 +206,16 @@ def text_to_visual_attention(
         query: [B, H, L, d] rotated queries; key: [B, Hkv, L, d] rotated keys (float32).
         scale: the softmax temperature (the layer's `scaling`).
         attention_mask: [B, L] 1 for real tokens (left padding 0).
-        blocks: per image, (sample b, first column, visual token count n); all n equal.
+        blocks: per image (video), (sample b, first column, visual token count n); the counts may differ.
         rows: [I, L] bool, per image the query rows to average (e.g. the text after it).
 
     Returns:
-        [I, n] float32. An image with no row gets zeros.
+        [I, max n] float32; row i is valid up to its block's count, zero after it. An image with no
+        row gets zeros.
     """
     b, heads, length, d = query.shape
     groups = heads // key.shape[1]
-    n = blocks[0][2] if blocks else 0
+    n = max((block[2] for block in blocks), default=0)
     out = query.new_zeros(len(blocks), n)
     positions = torch.arange(length, device=query.device)
     for sample in range(b):
@@ -228,5 +241,5 @@ def text_to_visual_attention(
             _, first, count = blocks[i]
             chosen = rows[i][wanted]  # [R]
             if bool(chosen.any()):
-                out[i] = attention[chosen, first : first + count].mean(dim=0)
+                out[i, :count] = attention[chosen, first : first + count].mean(dim=0)
     return out

@@ -202,8 +202,9 @@ def _top_in_order(scores: torch.Tensor, budget: int) -> torch.Tensor:
 def _signal(tokens: VisualTokens, name: str, reducer: str) -> torch.Tensor:
     if name not in tokens.signals:
         raise ValueError(
-            f"{reducer} needs the `{name}` signal of the LLM input, which this model's adapter does not "
-            "compute (so far only the LLaVA adapter does: tokenprune/models/llava.py)"
+            f"{reducer} needs the `{name}` signal of the LLM input, which the adapters compute when the "
+            "reducer runs at the LLM input (LLaVA, Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision); these "
+            f"tokens carry {sorted(tokens.signals)}"
         )
     return tokens.signals[name].float()
 
@@ -219,6 +220,9 @@ class ExplainMapper(nn.Module):
     Args:
         checkpoint: a saved mapper (folder or its mapper.safetensors). None: a seeded, untrained
             net built from `net` (tests; a trained stage loads its weights into it, `load`).
+        video_checkpoint: the video mapper (the paper trains one mapper per model and modality);
+            the adapters score a video's tokens (all its frames as one sequence) with it. None:
+            videos are scored by the same net as images.
         ratio: fraction of the visual tokens kept (paper: 0.5 and 0.25); round(ratio * N), >= 1.
         keep: a count instead (overrides `ratio` when set; >= N keeps the input unchanged).
         net: the architecture used without a checkpoint (a checkpoint carries its own).
@@ -247,6 +251,7 @@ class ExplainMapper(nn.Module):
         positions: Positions = "gather",
         batch_invariant: bool = True,
         seed: int = 0,
+        video_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         _budget(1 << 30, keep, ratio)  # validate early
@@ -262,6 +267,15 @@ class ExplainMapper(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.net = MapperNet(net if isinstance(net, MapperConfig) else MapperConfig(**(net or {})))
+        self.video_checkpoint = video_checkpoint
+        self.video_net = None if video_checkpoint is None else load_mapper(video_checkpoint)[0]
+
+    def for_modality(self, modality: str) -> ExplainMapper | _VideoMapper:
+        """The reducer for "image" or "video" tokens: the video mapper when one was given, else this one
+        (the same budget and settings either way)."""
+        if modality not in ("image", "video"):
+            raise ValueError(f"modality must be image or video, got {modality!r}")
+        return _VideoMapper(self) if modality == "video" and self.video_net is not None else self
 
     def load(self, path: str | Path) -> ExplainMapper:
         """Replace the net with a saved mapper (its own architecture); returns self."""
@@ -270,21 +284,26 @@ class ExplainMapper(nn.Module):
         self.checkpoint = str(path)
         return self
 
-    def scores(self, signal: torch.Tensor) -> torch.Tensor:
-        """logits [B, N] float32 of the attention vectors [B, N]."""
-        parameter = next(self.net.parameters())
+    def scores(self, signal: torch.Tensor, net: MapperNet | None = None) -> torch.Tensor:
+        """logits [B, N] float32 of the attention vectors [B, N] (by `net`, default the image mapper)."""
+        net = self.net if net is None else net
+        parameter = next(net.parameters())
         if parameter.device != signal.device:
-            self.net.to(signal.device)
+            net.to(signal.device)
         if self.batch_invariant and signal.shape[0] > 1:
-            return torch.cat([self.net(row[None]) for row in signal])
-        return self.net(signal)
+            return torch.cat([net(row[None]) for row in signal])
+        return net(signal)
 
     def forward(self, tokens: VisualTokens) -> Reduced:
+        return self.reduce(tokens, self.net)
+
+    def reduce(self, tokens: VisualTokens, net: MapperNet) -> Reduced:
+        """Keep the top tokens by `net`'s scores (see the class)."""
         b, n, _ = tokens.features.shape
         budget = _budget(n, self.keep, self.ratio)
         if budget >= n or b == 0:
             return identity(tokens)
-        logits = self.scores(_signal(tokens, LLM_TEXT_ATTN, type(self).__name__))  # [B, N]
+        logits = self.scores(_signal(tokens, LLM_TEXT_ATTN, type(self).__name__), net)  # [B, N]
         index = _top_in_order(logits.detach(), budget)  # [B, M]
         probs = torch.gather(logits.softmax(dim=-1), 1, index)  # [B, M]
         gate = (1.0 + (probs - probs.detach())).to(tokens.features.dtype)  # == 1, d/dprob = 1
@@ -295,6 +314,19 @@ class ExplainMapper(nn.Module):
     def flops(self, n: int, kept: int, width: int) -> int:
         """The net over n tokens, the top-k sort and the gather (for the FLOPs meter)."""
         return 2 * self.net.macs_per_token() * n + kept * width
+
+
+class _VideoMapper:
+    """An ExplainMapper's video mapper: the same budget and settings, its `video_net` scores."""
+
+    space: ClassVar[Space] = "llm"
+    requires: ClassVar[tuple[str, ...]] = (LLM_TEXT_ATTN,)
+
+    def __init__(self, mapper: ExplainMapper) -> None:
+        self.mapper = mapper
+
+    def __call__(self, tokens: VisualTokens) -> Reduced:
+        return self.mapper.reduce(tokens, self.mapper.video_net)
 
 
 class ExplainOracle:
