@@ -17,7 +17,7 @@ export WANDB_MODE ?= offline
 export LOGURU_LEVEL ?= INFO
 
 .DEFAULT_GOAL := help
-.PHONY: help install test run tables reproduce lint format bench clean mini-model
+.PHONY: help install test run tables reproduce miniature miniature-mapper lint format bench clean mini-model
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,16 @@ reproduce: install ## EXP=name [ARGS="launcher=slurm ..."]: the experiment's swe
 	@test -n "$(EXP)" || { echo "usage: make reproduce EXP=<name> [ARGS=...]  (names: configs/experiment/*.yaml)"; exit 2; }
 	@for exp in $(EXP); do echo "== sweep $$exp"; $(PY) -m tokenprune.train -m experiment=$$exp $(ARGS) || exit 1; done
 	$(PY) -m tokenprune.tables experiment=$(subst $(space),$(comma),$(strip $(EXP))) $(ARGS)
+
+MINI_EXPS = mini_shapes mini_shapes_budgets mini_shapes_lora mini_shapes_lora_baselines
+
+miniature: install ## the miniature reproduction on a CPU: its sweeps, token report, tables and plots (~25 min)
+	$(MAKE) --no-print-directory reproduce EXP="$(MINI_EXPS)" ARGS="$(ARGS)"
+	$(PY) scripts/mini_tokens.py --split test
+
+miniature-mapper: install ## the miniature's explainability-mapper comparison: labels, mapper, oracle, table (~20 min)
+	$(PY) -m tokenprune.label model=mini_shapes data=shapes data.n=300 label.progress=false
+	$(MAKE) --no-print-directory reproduce EXP="mini_shapes_mapper mini_shapes_oracle" ARGS="$(ARGS)"
 
 lint: install ## ruff check + format check
 	$(PY) -m ruff check .

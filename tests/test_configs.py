@@ -46,10 +46,15 @@ def test_unknown_option_lists_the_valid_ones():
 
 def test_entry_points_compose_the_same_job():
     """python -m tokenprune.eval and tokenprune.train name (and so reuse) the same result."""
-    assert compose(["reducer=random"], "eval") == compose(["reducer=random"], "train")
+    assert compose(["reducer=random", "train=none"], "eval") == compose(
+        ["reducer=random", "train=none"], "train"
+    )
+    assert compose(["reducer=random"], "train").train.trainer.max_steps > 0  # train.yaml fits by default
 
 
 def test_defaults_run_offline():
     cfg = compose([], config_name="train")
-    assert cfg.model.build == "tiny_llava" and cfg.benchmark.include_path.endswith("tasks/smoke")
-    assert OmegaConf.to_container(cfg.train) == {}
+    assert cfg.model.path.endswith("models/mini_shapes") and cfg.model.build is None
+    assert cfg.benchmark.include_path.endswith("tasks/shapes") and cfg.benchmark.compare_to_full
+    assert cfg.train.data._target_.endswith("shapes_instruct_data")  # generated locally, no download
+    assert OmegaConf.to_container(compose([], config_name="eval").train) == {}

@@ -137,3 +137,21 @@ def test_model_object_survives_two_evaluations(tiny_llava):
     assert lm.adapter.model is tiny_llava.model
     assert first["results"]["tp_smoke_pope"] == second["results"]["tp_smoke_pope"]
     assert [r["answer"] for r in lm.records[:2]] == [r["answer"] for r in lm.records[2:]]
+
+
+def test_summary_tables_reduced_beside_full_when_compared():
+    from tokenprune.eval.runner import summary
+
+    efficiency = {"visual_tokens_mean": 40.5, "visual_tokens_min": 12, "visual_tokens_max": 90}
+    efficiency |= {"samples": 3, "failed_samples": 0, "wall_time_s": 1.0}
+    metrics = {"bench/shapes_vqa/exact_match": 0.6, "full/shapes_vqa/exact_match": 0.8}
+    metrics |= {"pct_of_full/shapes_vqa/exact_match": 75.0, "bench/shapes_mc/exact_match": 0.5}
+    text = summary({"name": "r", "efficiency": efficiency, "metrics": metrics})
+    assert "visual tokens kept: mean 40.5 (min 12, max 90)" in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:]}
+    assert rows["metric"] == ["reduced", "full", "%", "full"]
+    assert rows["bench/shapes_vqa/exact_match"] == ["0.6000", "0.8000", "75.0"]
+    assert rows["bench/shapes_mc/exact_match"] == ["0.5000", "-", "-"]  # no unreduced number
+    assert not any(key.startswith(("full/", "pct_of_full/")) for key in rows)  # folded into the columns
+    plain = summary({"name": "r", "efficiency": efficiency, "metrics": {"bench/t/m": 0.25}})
+    assert plain.splitlines()[-1].split() == ["bench/t/m", "0.2500"]

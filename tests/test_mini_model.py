@@ -165,10 +165,11 @@ def test_make_mini_model_script_builds_a_loadable_checkpoint(tmp_path, monkeypat
     finally:
         torch.set_num_threads(threads)
     log = capsys.readouterr().out
-    assert "[stage0] step 3/3" in log and "[stage1] step 2/2" in log and "elapsed" in log
+    assert "[stage0] step 3/3" in log and "[stage1] round 2/2 step 2/2" in log and "elapsed" in log
     assert sorted(p.name for p in out.parent.iterdir()) == ["mini_shapes"]  # no staging left over
     build = json.loads((out / "BUILD.json").read_text())
-    assert build["recipe"]["stage0_steps"] == 3 and build["stage1"]["steps"] == 2
+    assert build["recipe"]["stage0_steps"] == 3 and build["stage1"]["steps"] == 4  # 2 rounds x 2 steps
+    assert [r["records"] for r in build["stage1"]["rounds"]] == [4, 4]
     assert set(build["heldout"]["accuracy"]) >= {"existence", "color", "all"}
     loaded = LlavaAdapter.from_pretrained(str(out), dtype="float32", device="cpu", image_aspect="pad")
     assert loaded.model.config.vision_config.hidden_size == 32

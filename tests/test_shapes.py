@@ -230,17 +230,31 @@ def _check_mc(scene: Scene, q: S.Question, table: dict[str, str]) -> None:
         assert keys[0][1] == correct and keys[1][0] - keys[0][0] >= S.MARGIN
 
 
-def test_rendering_puts_each_colour_at_its_object() -> None:
+def test_rendering_puts_each_colour_and_texture_at_its_object() -> None:
     image = S.render(TWO)
     assert image.mode == "RGB" and image.size == (96, 96)
     pixels = np.asarray(image)
+    ys, xs = np.mgrid[0:96, 0:96]
     for obj in TWO.objects:
-        cx, cy = (int(v) for v in obj.center)
-        assert tuple(pixels[cy, cx]) == S.COLORS[obj.color]
         x0, y0, x1, y1 = obj.box
-        share = (pixels[y0 : y1 + 1, x0 : x1 + 1] == S.COLORS[obj.color]).all(-1).mean()
-        assert share > (0.95 if obj.shape == "square" else 0.6)
+        box = pixels[y0 : y1 + 1, x0 : x1 + 1]
+        plain = (box == S.COLORS[obj.color]).all(-1)
+        shade = (box == S.shaded(obj.color)).all(-1)
+        assert plain.mean() + shade.mean() > (0.95 if obj.shape == "square" else 0.6)
+        # the shaded pixels are exactly where the shape's texture says so, inside the outline
+        texture = S.TEXTURES[obj.shape](xs, ys)[y0 : y1 + 1, x0 : x1 + 1]
+        assert not (shade & ~texture).any() and not (plain & texture).any()
     assert tuple(pixels[0, 0]) == (240, 240, 240) and tuple(pixels[90, 5]) == (240, 240, 240)
+    # hand-checked texture rules: stripes, checkerboard, dots; a circle is solid
+    assert S.TEXTURES["square"](np.array([3, 3]), np.array([0, 1])).tolist() == [False, True]
+    assert S.TEXTURES["triangle"](np.array([0, 1]), np.array([5, 5])).tolist() == [False, True]
+    assert S.TEXTURES["star"](np.array([0, 1]), np.array([0, 0])).tolist() == [False, True]
+    assert S.TEXTURES["cross"](np.array([0, 1, 0]), np.array([0, 0, 1])).tolist() == [True, False, False]
+    assert not S.TEXTURES["circle"](xs, ys).any()
+    assert S.shaded("red") == (121, 22, 22)
+
+
+def test_every_textured_patch_shows_its_shape_and_only_objects_are_chromatic() -> None:
     for item in S.make_split("test", 12):
         pixels = np.asarray(item.image()).astype(int)
         assert (np.asarray(S.Image.open(io.BytesIO(item.png()))) == pixels).all()
@@ -250,7 +264,13 @@ def test_rendering_puts_each_colour_at_its_object() -> None:
             x0, y0, x1, y1 = obj.box
             inside[y0 : y1 + 1, x0 : x1 + 1] = True
             cx, cy = (int(v) for v in obj.center)
-            assert tuple(pixels[cy, cx]) == S.COLORS[obj.color], (item.id, obj)
+            assert tuple(pixels[cy, cx]) in {S.COLORS[obj.color], S.shaded(obj.color)}, (item.id, obj)
+            if obj.shape != "circle":  # any 2 x 2 window fully inside the object holds both tones
+                window = pixels[cy - 1 : cy + 1, cx - 1 : cx + 1].reshape(-1, 3)
+                assert {tuple(v) for v in window} == {S.COLORS[obj.color], S.shaded(obj.color)}, (
+                    item.id,
+                    obj,
+                )
         assert not (chroma & ~inside).any(), item.id
 
 
@@ -495,3 +515,19 @@ def test_simple_evaluate_and_benchmark_config(task_manager: Any, shapes_tasks: d
     assert results["shapes_vqa"]["exact_match,none"] == 1.0
     assert results["shapes_mc"]["exact_match,none"] == 1.0
     assert out["group_subtasks"]["shapes"] == ["shapes_pope", "shapes_vqa", "shapes_mc"]
+
+
+def test_shapes_instruct_data_writes_once_and_rewrites_when_asked_for_other_items(tmp_path):
+    from tokenprune.data.shapes_export import shapes_instruct_data
+    from tokenprune.train.datamodule import DataSettings
+
+    settings = shapes_instruct_data(tmp_path, n=3, start=7, batch_size=2)
+    assert isinstance(settings, DataSettings) and settings.batch_size == 2
+    assert settings.image_root == str(tmp_path)
+    records = json.loads(Path(settings.json).read_text())
+    assert [r["image"] for r in records] == [f"images/{S.make_item(i, 'train').id}.png" for i in (7, 8, 9)]
+    stamp = (tmp_path / "shapes_train.meta.json").stat().st_mtime_ns
+    shapes_instruct_data(tmp_path, n=3, start=7)  # same items: nothing rewritten
+    assert (tmp_path / "shapes_train.meta.json").stat().st_mtime_ns == stamp
+    shapes_instruct_data(tmp_path, n=2, start=0)
+    assert len(json.loads(Path(settings.json).read_text())) == 2

@@ -259,8 +259,26 @@ _STAR = tuple(
 )  # fmt: skip
 
 
+# Each shape's fill texture: pixel (x, y) of the object takes the shaded colour where the pattern
+# is true. The period is 2 px, so every 4 x 4 patch that an object covers shows its texture: shape
+# is visible inside one patch, like colour (docs/miniature.md explains why the world needs this).
+TEXTURES: dict[str, Any] = {
+    "circle": lambda x, y: np.zeros_like(x, dtype=bool),  # solid
+    "square": lambda x, y: y % 2 == 1,  # horizontal stripes
+    "triangle": lambda x, y: x % 2 == 1,  # vertical stripes
+    "star": lambda x, y: (x + y) % 2 == 1,  # checkerboard
+    "cross": lambda x, y: (x % 2 == 0) & (y % 2 == 0),  # dots
+}
+SHADE = 0.55  # the texture's colour is the object's colour times SHADE (still chromatic)
+
+
+def shaded(color: str) -> tuple[int, int, int]:
+    return tuple(round(v * SHADE) for v in COLORS[color])
+
+
 def render(scene: Scene) -> Image.Image:
-    """The scene as a 96 x 96 RGB image (no antialiasing: object pixels have their exact colour)."""
+    """The scene as a 96 x 96 RGB image, no antialiasing: an object's pixels are its colour or,
+    where its shape's texture says so, the shaded colour (`TEXTURES`, `shaded`)."""
     grey = scene.background
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
@@ -268,26 +286,36 @@ def render(scene: Scene) -> Image.Image:
         draw.line((x0, y0, x1, y1), fill=(g, g, g), width=1)
     for x, y, side, g in scene.dots:
         draw.rectangle((x, y, x + side - 1, y + side - 1), fill=(g, g, g))
+    pixels = np.array(image)
+    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
     for obj in scene.objects:
-        fill = COLORS[obj.color]
-        x0, y0, x1, y1 = obj.box
-        cx, cy = obj.center
-        if obj.shape == "circle":
-            draw.ellipse(obj.box, fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle(obj.box, fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-        elif obj.shape == "star":
-            r = (obj.side - 1) / 2
-            draw.polygon([(cx + r * u, cy + r * v) for u, v in _STAR], fill=fill)
-        elif obj.shape == "cross":
-            t = obj.side / 6  # half the arm thickness
-            draw.rectangle((x0, round(cy - t), x1, round(cy + t)), fill=fill)
-            draw.rectangle((round(cx - t), y0, round(cx + t), y1), fill=fill)
-        else:
-            raise ValueError(f"unknown shape {obj.shape!r}")
-    return image
+        mask = Image.new("1", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        _draw_outline(ImageDraw.Draw(mask), obj)
+        inside = np.asarray(mask, dtype=bool)
+        pixels[inside] = COLORS[obj.color]
+        pixels[inside & TEXTURES[obj.shape](xs, ys)] = shaded(obj.color)
+    return Image.fromarray(pixels)
+
+
+def _draw_outline(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
+    """Fill `obj`'s outline with 1 on a mode-"1" mask."""
+    x0, y0, x1, y1 = obj.box
+    cx, cy = obj.center
+    if obj.shape == "circle":
+        draw.ellipse(obj.box, fill=1)
+    elif obj.shape == "square":
+        draw.rectangle(obj.box, fill=1)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=1)
+    elif obj.shape == "star":
+        r = (obj.side - 1) / 2
+        draw.polygon([(cx + r * u, cy + r * v) for u, v in _STAR], fill=1)
+    elif obj.shape == "cross":
+        t = obj.side / 6  # half the arm thickness
+        draw.rectangle((x0, round(cy - t), x1, round(cy + t)), fill=1)
+        draw.rectangle((round(cx - t), y0, round(cx + t), y1), fill=1)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}")
 
 
 def png_bytes(image: Image.Image) -> bytes:

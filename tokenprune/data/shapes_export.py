@@ -254,3 +254,22 @@ def write_instruct(
     tmp.write_text(json.dumps(records, indent=1) + "\n")
     tmp.replace(path)
     return path
+
+
+def shapes_instruct_data(out: str | Path, n: int, start: int = 0, seed: int = 0, **settings: Any):
+    """`train.data` for the shapes world: items start .. start + n - 1 of the train split as LLaVA
+    JSON + PNGs in `out` (written on first use, reused while n/start/seed match), as DataSettings.
+
+    `settings` are the remaining DataSettings fields (template, batch_size, ...).
+    """
+    from tokenprune.train.datamodule import DataSettings
+
+    out = Path(out)
+    stamp = out / "shapes_train.meta.json"
+    wanted = {"split": "train", "n": n, "start": start, "seed": seed}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == wanted):
+        write_instruct(out, n, split="train", seed=seed, start=start)
+        tmp = stamp.with_suffix(".tmp")
+        tmp.write_text(json.dumps(wanted) + "\n")
+        tmp.replace(stamp)  # written last: a killed write is redone
+    return DataSettings(json=str(out / "shapes_train.json"), image_root=str(out), **settings)

@@ -432,5 +432,19 @@ def summary(result: dict[str, Any]) -> str:
     for key in ("eff/flops_prefill_mean", "eff/prefill_flops_ratio", "eff/ttft_ms_mean", "eff/samples_per_s"):
         if meter.get(key) is not None:
             lines.append(f"  {key:<48} {meter[key]:.4g}")
-    lines += [f"  {key:<48} {value:.4f}" for key, value in sorted(result["metrics"].items())]
+    metrics = result["metrics"]
+    if any(key.startswith("full/") for key in metrics):  # compare_to_full: reduced | unreduced | %
+        lines.append(f"  {'metric':<48} {'reduced':>8} {'full':>8} {'% full':>7}")
+        for key, value in sorted(metrics.items()):
+            if key.startswith("bench/"):
+                full = metrics.get("full/" + key.removeprefix("bench/"))
+                pct = metrics.get("pct_of_full/" + key.removeprefix("bench/"))
+                lines.append(f"  {key:<48} {value:8.4f} {_or_dash(full, '8.4f')} {_or_dash(pct, '7.1f')}")
+        return "\n".join(lines)
+    lines += [f"  {key:<48} {value:.4f}" for key, value in sorted(metrics.items())]
     return "\n".join(lines)
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return f"{value:{spec}}" if value is not None else "-".rjust(width)

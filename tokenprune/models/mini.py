@@ -71,15 +71,17 @@ class Recipe:
     lm_mlp: int = 512
     max_positions: int = 1024
     # stage 0: the tower with CLS heads on streamed train scenes
-    stage0_steps: int = 600
-    stage0_batch: int = 32
-    stage0_lr: float = 1e-3
+    stage0_steps: int = 800
+    stage0_batch: int = 16
+    stage0_lr: float = 2e-3
     stage0_weight_decay: float = 0.05
     stage0_warmup: int = 50
-    stage0_patch_weight: float = 0.0  # auxiliary per-patch object-label loss (0: CLS objective only)
+    stage0_patch_weight: float = 1.0  # auxiliary per-patch object-label loss (0: CLS objective only)
     stage0_background_weight: float = 1.0  # weight of the "no object" class in the per-patch loss
     # stage 1: projector + LM on the train split's instruction JSON
+    # round r trains on fresh train items r*records .. (r+1)*records - 1 with its own warm-up + cosine
     stage1_records: int = 12_000
+    stage1_rounds: int = 2
     stage1_epochs: int = 1
     stage1_batch: int = 8
     stage1_lr: float = 1e-3
@@ -91,7 +93,7 @@ class Recipe:
     heldout_items: int = 60
     heldout_batch: int = 16
     threads: int = 2
-    log_every: int = 25
+    log_every: int = 50
 
 
 # ------------------------------------------------------------------------------------- building
@@ -282,14 +284,18 @@ def train_stage0(model, processor, recipe: Recipe, log: Log) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- stage 1
-def write_train_data(out: Path, recipe: Recipe) -> Path:
-    """The train split's first `stage1_records` items as LLaVA JSON + PNGs in `out`."""
+def write_train_data(out: Path, recipe: Recipe, round_: int = 0) -> Path:
+    """Stage 1 round `round_`'s train items (`stage1_records` from round_ * stage1_records) as
+    LLaVA JSON + PNGs in `out`."""
     from tokenprune.data.shapes_export import write_instruct
 
-    return write_instruct(out, recipe.stage1_records, split="train", seed=recipe.seed)
+    n = recipe.stage1_records
+    return write_instruct(out, n, split="train", seed=recipe.seed, start=round_ * n)
 
 
-def train_stage1(adapter: LlavaAdapter, json_path: Path, recipe: Recipe, log: Log) -> dict[str, Any]:
+def train_stage1(
+    adapter: LlavaAdapter, json_path: Path, recipe: Recipe, log: Log, tag: str = ""
+) -> dict[str, Any]:
     """Projector + LM on the instruction JSON, the vision tower frozen; one plain loop, one process."""
     from torch.utils.data import DataLoader
 
@@ -342,7 +348,7 @@ def train_stage1(adapter: LlavaAdapter, json_path: Path, recipe: Recipe, log: Lo
                 mean = sum(window) / len(window)
                 history.append({"step": step, "loss": mean})
                 log(
-                    f"[stage1] step {step}/{total} (epoch {epoch + 1}) loss {mean:.4f} "
+                    f"[stage1] {tag} step {step}/{total} (epoch {epoch + 1}) loss {mean:.4f} "
                     f"lr {scheduler.get_last_lr()[0]:.2e} elapsed {time.perf_counter() - start:.0f}s"
                 )
                 window.clear()
@@ -478,16 +484,25 @@ def build(out: Path, recipe: Recipe, data_dir: Path | None = None, log: Log = lo
     with tempfile.TemporaryDirectory(prefix="mini_shapes_data-") as scratch:
         data = Path(data_dir) if data_dir is not None else Path(scratch)
         tick = time.perf_counter()
-        json_path = write_train_data(data, recipe)
+        json_path = write_train_data(data / "round1", recipe, 0)
         times["data"] = time.perf_counter() - tick
-        log(f"[data] {recipe.stage1_records} train records in {data} ({times['data']:.0f}s)")
+        log(f"[data] {recipe.stage1_records} train records in {data / 'round1'} ({times['data']:.0f}s)")
         torch.manual_seed(recipe.seed + 1)
         stage0 = train_stage0(model, processor, recipe, log)
         times["stage0"] = stage0["seconds"]
         adapter = LlavaAdapter(model, processor, prompt=LLAVA15_PROMPT, image_aspect="pad")
-        torch.manual_seed(recipe.seed + 2)
-        stage1 = train_stage1(adapter, json_path, recipe, log)
-        times["stage1"] = stage1["seconds"]
+        rounds = []
+        for round_ in range(recipe.stage1_rounds):
+            if round_:
+                tick = time.perf_counter()
+                json_path = write_train_data(data / f"round{round_ + 1}", recipe, round_)
+                times["data"] += time.perf_counter() - tick
+            torch.manual_seed(recipe.seed + 2 + round_)
+            rounds.append(
+                train_stage1(adapter, json_path, recipe, log, f"round {round_ + 1}/{recipe.stage1_rounds}")
+            )
+        times["stage1"] = sum(r.pop("seconds") for r in rounds)
+        stage1 = {"steps": sum(r["steps"] for r in rounds), "rounds": rounds}
     report = heldout_report(adapter, recipe)
     times["heldout"] = report["seconds"]
     log(f"[heldout] {json.dumps({k: report[k] for k in ('accuracy', 'cls_attention', 'kept_tokens_mean')})}")
@@ -502,7 +517,7 @@ def build(out: Path, recipe: Recipe, data_dir: Path | None = None, log: Log = lo
         "host": {"cpus": os.cpu_count(), "threads": recipe.threads, "machine": platform.machine()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "stage0": {k: v for k, v in stage0.items() if k != "seconds"},
-        "stage1": {k: v for k, v in stage1.items() if k != "seconds"},
+        "stage1": stage1,
         "heldout": {k: v for k, v in report.items() if k != "seconds"},
     }
     save_atomic(Path(out), [model, processor], info)
