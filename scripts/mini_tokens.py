@@ -34,8 +34,9 @@ REDUCERS = ("prumerge", "prumerge_plus")
 def measure(items: int, split: str, seed: int, batch: int = 32) -> dict:
     from hydra.utils import instantiate
 
-    adapter = instantiate(compose(["model=mini_shapes", "reducer=none"]).model)
     reducers = {name: instantiate(compose([f"reducer={name}"]).reducer) for name in REDUCERS}
+    # the adapter computes the signals its reducer asks for (both reducers ask for the same ones)
+    adapter = instantiate(compose(["model=mini_shapes"]).model, reducer=reducers["prumerge"])
     scenes = [make_item(i, split, seed) for i in range(items)]
     kept: dict[str, list[int]] = defaultdict(list)
     objects, area, ratio = [], [], []

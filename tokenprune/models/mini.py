@@ -81,7 +81,7 @@ class Recipe:
     # stage 1: projector + LM on the train split's instruction JSON
     # round r trains on fresh train items r*records .. (r+1)*records - 1 with its own warm-up + cosine
     stage1_records: int = 12_000
-    stage1_rounds: int = 2
+    stage1_rounds: int = 1
     stage1_epochs: int = 1
     stage1_batch: int = 8
     stage1_lr: float = 1e-3
