@@ -126,9 +126,11 @@ def test_cls_attention_concentrates_on_object_patches(adapter):
 def test_prumerge_keeps_fewer_tokens_than_the_grid(adapter, reducer):
     images = [make_item(i, "test").image() for i in TEST_ITEMS]
     kept = reducer(_visual_tokens(adapter, reducer, images)).lengths.float()  # [B]
-    assert kept.max() < 576 and kept.min() >= 1
+    assert kept.min() >= 1
     if isinstance(reducer, PruMerge):
-        assert kept.mean() <= 0.15 * 576
+        assert kept.max() < 576 and kept.mean() <= 0.15 * 576
+    else:  # the adaptive stride reaches 1 (every token) on crowded scenes: docs/miniature.md §3
+        assert kept.max() <= 576 and kept.mean() < 0.75 * 576
 
 
 # ------------------------------------------------------------------------ the build, at toy size
@@ -156,12 +158,13 @@ TOY = [
     "--vision-width", "32", "--vision-layers", "2", "--vision-mlp", "64",
     "--lm-width", "32", "--lm-layers", "2", "--lm-mlp", "64",
     "--stage0-steps", "3", "--stage0-batch", "2", "--stage1-records", "4", "--stage1-batch", "2",
+    "--stage1-rounds", "2",
     "--heldout-items", "1", "--log-every", "1", "--threads", "1",
 ]  # fmt: skip
 
 
 def test_make_mini_model_script_builds_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
-    """The `make mini-model` script end to end at toy size: 3 + 2 steps, atomic write, BUILD.json."""
+    """The `make mini-model` script end to end at toy size: 3 + 2 x 2 steps, atomic write, BUILD.json."""
     makefile = (PROJECT_ROOT / "Makefile").read_text()
     assert re.search(r"^mini-model: install ## .+\n\t\$\(PY\) scripts/make_mini_model.py", makefile, re.M)
     out = tmp_path / "models" / "mini_shapes"
