@@ -244,6 +244,8 @@ def test_label_configs_compose_and_bind(data, tmp_path):
     assert cfg.label.output_dir == f"{tmp_path}/labels/tiny_llava/{data}"
     assert cfg.label.only_correct is True  # the paper's filter is the default
     instantiate(cfg.data)
-    train = compose(["reducer=explain_mapper", "train=mapper", f"paths.outputs={tmp_path}"], "train")
+    train = compose(
+        ["model=tiny_llava", "reducer=explain_mapper", "train=mapper", f"paths.outputs={tmp_path}"], "train"
+    )
     assert train.train.labels == [f"{tmp_path}/labels/tiny_llava"]  # every label set of the model
     assert OmegaConf.to_container(train.reducer.net) == OmegaConf.to_container(train.train.net)

@@ -103,6 +103,7 @@ def test_labels_train_evaluate_end_to_end(tiny_llava_path, tmp_path):
     run_module(
         "tokenprune.train",
         *common,
+        "benchmark=smoke",
         "reducer=explain_mapper",
         "train=mapper",
         "train.trainer.max_epochs=3",
@@ -121,6 +122,7 @@ def test_labels_train_evaluate_end_to_end(tiny_llava_path, tmp_path):
     run_module(
         "tokenprune.eval",
         *common,
+        "benchmark=smoke",
         "reducer=explain_mapper",
         f"reducer.checkpoint={mapper}",
         "benchmark.limit=2",

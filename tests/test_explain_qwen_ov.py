@@ -527,6 +527,7 @@ def test_labels_train_evaluate_end_to_end(built, tmp_path):
     run_module(
         "tokenprune.train",
         *common,
+        "benchmark=smoke",
         "reducer=explain_mapper",
         "train=mapper",
         "train.trainer.max_epochs=3",
@@ -543,6 +544,7 @@ def test_labels_train_evaluate_end_to_end(built, tmp_path):
     run_module(
         "tokenprune.eval",
         *common,
+        "benchmark=smoke",
         "reducer=explain_mapper",
         f"reducer.checkpoint={mapper}",
         "benchmark.limit=2",

@@ -395,6 +395,7 @@ def test_ddp_two_cpu_processes_fit_then_evaluate(tiny_llava_path, tmp_path):
         "model=tiny_llava",
         f"model.path={tiny_llava_path}",
         "reducer=prumerge_plus",
+        "benchmark=smoke",
         "train=lora",
         "train.trainer.accelerator=cpu",
         "train.trainer.devices=2",
