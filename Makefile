@@ -17,16 +17,31 @@ export WANDB_MODE ?= offline
 export LOGURU_LEVEL ?= INFO
 
 .DEFAULT_GOAL := help
-.PHONY: help install test run tables reproduce miniature miniature-mapper lint format bench clean mini-model
+.PHONY: help install lock test-latest test run tables reproduce miniature miniature-mapper lint format bench clean mini-model
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(STAMP): requirements.lock pyproject.toml setup.py scripts/install.sh scripts/check_env.py
 	bash scripts/install.sh $(VENV)
 	@touch $(STAMP)
 
-install: $(STAMP) ## set up the environment (CPU torch 2.13.0 if none, the package, lmms-eval --no-deps)
+install: $(STAMP) ## set up the environment: exactly requirements.lock (an installed torch, e.g. CUDA, is kept)
+
+lock: install ## regenerate requirements.lock from pyproject.toml (UPGRADE=1: newest allowed versions)
+	bash scripts/lock.sh $(PY) requirements.lock $(if $(UPGRADE),--upgrade)
+	$(MAKE) --no-print-directory install
+
+LATEST := build/latest
+LATEST_TESTS := tests/test_install.py tests/test_smoke_tasks.py::test_simple_evaluate_end_to_end \
+	tests/test_eval_pipeline.py::test_lmms_eval_cli_runs_model_tokenprune \
+	tests/test_train_lora.py::test_fit_with_prumerge_plus_in_the_loop
+test-latest: install ## drift check, not in CI: newest allowed versions in a throw-away env run a quick subset
+	rm -rf $(LATEST) && mkdir -p $(LATEST)
+	bash scripts/lock.sh $(PY) $(LATEST)/requirements.lock
+	$(PY) scripts/check_env.py --diff $(LATEST)/requirements.lock
+	TOKENPRUNE_LOCK=$(LATEST)/requirements.lock bash scripts/install.sh $(LATEST)/venv
+	$(LATEST)/venv/bin/python -m pytest -p no:cacheprovider $(LATEST_TESTS)
 
 test: install ## set up, then run the test suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)

@@ -8,15 +8,37 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = PACKAGE_DIR.parent
-CONFIG_DIR = PROJECT_ROOT / "configs"
+PROJECT_ROOT = PACKAGE_DIR.parent  # the checkout, when the package runs from one (editable install)
 GROUPS = ("model", "reducer", "benchmark", "train")
 
 
+def shipped(name: str) -> Path:
+    """The shipped `configs` or `models` folder: inside an installed package, else the checkout's.
+
+    A wheel carries the checkout's `configs/` and `models/` as `tokenprune/_shipped/<name>` (setup.py).
+    """
+    installed = PACKAGE_DIR / "_shipped" / name
+    return installed if installed.is_dir() else PROJECT_ROOT / name
+
+
+CONFIG_DIR = shipped("configs")
+
+
+def work_root() -> Path:
+    """Where outputs/ and data/ live by default: the checkout, or for an installed package the current directory."""
+    return PROJECT_ROOT if CONFIG_DIR == PROJECT_ROOT / "configs" else Path.cwd()
+
+
 def register_resolvers() -> None:
-    """`${tp_root:}` is the checkout (or install) root that holds configs/ and outputs/."""
-    if not OmegaConf.has_resolver("tp_root"):
-        OmegaConf.register_new_resolver("tp_root", lambda: str(PROJECT_ROOT))
+    """`${tp_root:}` (work_root), `${tp_package:}` (the package folder), `${tp_models:}` (shipped models)."""
+    resolvers = {
+        "tp_root": lambda: str(work_root()),
+        "tp_package": lambda: str(PACKAGE_DIR),
+        "tp_models": lambda: str(shipped("models")),
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def group_options(group: str) -> list[str]:

@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 SCHEMA = "tokenprune.result/1"
 PACKAGES = ("tokenprune", "torch", "transformers", "lmms_eval", "peft", "lightning", "hydra-core", "datasets")
 # Config keys that say where things are or how to run, not what was run: excluded from the name hash
@@ -33,13 +35,30 @@ PACKAGES = ("tokenprune", "torch", "transformers", "lmms_eval", "peft", "lightni
 _LOCATION_KEYS = ("paths", "run", "force", "experiment")
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    """8 hex digits identifying what a resolved config runs (paths and run options excluded)."""
+def location_free(cfg: DictConfig) -> dict[str, Any]:
+    """`cfg` resolved with every `paths.<key>` standing as the placeholder `<paths.<key>>`.
+
+    Values built from the paths (`${paths.shipped_models}/mini_shapes`, `${paths.outputs}/shapes/...`)
+    then read the same under any checkout, install or outputs root: what a run is does not depend on
+    where it lives, so its hash and result name survive a moved checkout or another cluster mount point.
+    """
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container["paths"] = {key: f"<paths.{key}>" for key in container.get("paths") or {}}
+    return OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+
+
+def config_hash(config: DictConfig | Mapping[str, Any]) -> str:
+    """8 hex digits identifying what a config runs (paths and run options excluded).
+
+    A DictConfig is hashed location-free (`location_free`); a plain mapping as it is.
+    """
+    if isinstance(config, DictConfig):
+        config = location_free(config)
     what = {k: v for k, v in config.items() if k not in _LOCATION_KEYS}
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def result_name(config: Mapping[str, Any], choices: Mapping[str, str]) -> str:
+def result_name(config: DictConfig | Mapping[str, Any], choices: Mapping[str, str]) -> str:
     """Deterministic run name: <model>-<reducer>-<benchmark>-<train>-<hash>; same config, same name."""
     explicit = (config.get("run") or {}).get("name")
     if explicit:

@@ -365,7 +365,7 @@ def run(
 
     picked = choices()
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    name, digest = result_name(resolved, picked), config_hash(resolved)
+    name, digest = result_name(cfg, picked), config_hash(cfg)
     path = Path(cfg.paths.results) / f"{name}.json"
     force = bool(cfg.get("force"))
     if not force and (done := finished(path, digest)) is not None:

@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tokenprune.config import choices
-from tokenprune.results import config_hash, finished, result_name
+from tokenprune.results import config_hash, finished, location_free, result_name
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def stage_dir(cfg: DictConfig) -> Path:
     """
     if cfg.train.get("output_dir"):
         return Path(cfg.train.output_dir)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = location_free(cfg)
     train = {k: v for k, v in resolved["train"].items() if k not in _RUN_ONLY_KEYS}
     what = {
         "model": resolved["model"],
@@ -55,9 +55,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if train.get("adapter"):
         log.info("train.adapter is set: evaluating %s without fitting", train.adapter)
         return evaluate(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    path = Path(cfg.paths.results) / f"{result_name(resolved, choices())}.json"
-    if not cfg.get("force") and (done := finished(path, config_hash(resolved))) is not None:
+    path = Path(cfg.paths.results) / f"{result_name(cfg, choices())}.json"
+    if not cfg.get("force") and (done := finished(path, config_hash(cfg))) is not None:
         log.info("result exists, skipping fit and evaluation (force=true to redo): %s", path)
         return done
 
