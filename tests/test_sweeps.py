@@ -154,8 +154,7 @@ def test_a_finished_training_point_is_skipped_before_any_fit(tmp_path, monkeypat
     from tokenprune.train import pipeline
 
     cfg = compose(["train=lora", "reducer=random", f"paths.outputs={tmp_path}"], config_name="train")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    name = result_name(resolved, choices())
-    write_result(tmp_path / "results" / f"{name}.json", {"name": name, "config_hash": config_hash(resolved)})
+    name = result_name(cfg, choices())
+    write_result(tmp_path / "results" / f"{name}.json", {"name": name, "config_hash": config_hash(cfg)})
     monkeypatch.setattr("hydra.utils.instantiate", lambda *a, **k: pytest.fail("a finished point was run"))
     assert pipeline.run(cfg)["name"] == name
