@@ -11,13 +11,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from transformers import LlamaConfig
 
 from tokenprune.config import PROJECT_ROOT, compose, group_options
+from tokenprune.models.base import Capabilities
 from tokenprune.reducers.baselines import NoReduction
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "benchmarks"
@@ -106,9 +109,19 @@ def _oracle_table() -> dict[str, str]:
 class Oracle:
     """An adapter that answers each fixture question perfectly (from the fixture generator's table)."""
 
-    family = "oracle"
+    capabilities = Capabilities(
+        family="oracle",
+        supports_video=False,
+        supports_training=False,
+        supports_visualize=False,
+        image_aspects=("pad", "crop"),
+    )
     device = torch.device("cpu")
     image_aspect = "pad"
+    model = SimpleNamespace(config=SimpleNamespace(text_config=LlamaConfig(num_hidden_layers=2)))
+
+    def vision_flops(self) -> None:
+        return None
 
     def __init__(self) -> None:
         self.reducer = NoReduction()

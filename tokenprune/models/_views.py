@@ -132,6 +132,16 @@ class SplicedInputs:
             kwargs["labels"] = self.labels
         return kwargs
 
+    def generate_kwargs(self) -> dict:
+        """The inputs as `generate` takes them: position ids only when gathered from the unreduced
+        sequence or M-RoPE ([4, B, L]; generate continues each row by +1 per step); otherwise
+        generate derives them from the attention mask. No labels."""
+        kwargs = self.as_kwargs()
+        kwargs.pop("labels", None)
+        if not self.gathered_positions and self.position_ids.dim() == 2:
+            kwargs.pop("position_ids")
+        return kwargs
+
 
 def reduce_views(reducer: Reducer, views: Sequence[View]) -> list[ReducedView]:
     """Run `reducer` over `views`, one batched call per distinct grid; results in the views' order.
@@ -199,6 +209,37 @@ def left_pad(rows: Sequence[Sequence[int]], fill: int, device: torch.device) -> 
     """Left-pad integer rows to the longest one -> [B, L]."""
     width = max(len(r) for r in rows)
     return torch.tensor([[fill] * (width - len(r)) + list(r) for r in rows], device=device)
+
+
+def assemble(
+    rows: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]] | None,
+    placed: Sequence[tuple],
+    outputs: dict[str, BaseModelOutputWithPooling],
+    pad: int,
+    device: torch.device,
+) -> SplicedInputs:
+    """The one splice core every adapter ends with: left padding, mask, 1-D positions, labels, blocks.
+
+    Args:
+        rows: per sample, its token ids with every visual token's placeholder in place.
+        targets: per sample, its labels (-100: not trained), aligned with `rows`; None: no labels.
+        placed: per image / video in sample and prompt order, the `Block` fields with `first`
+            counted in the unpadded row: (sample, first, count, modality, item, grid[, columns]).
+        outputs: the visual tokens per modality (`mm_encoder_outputs`).
+        pad: the pad token id.
+
+    Returns:
+        the spliced inputs with position ids = the mask's cumsum (an M-RoPE adapter replaces them).
+    """
+    input_ids = left_pad(rows, pad, device)  # [B, L]
+    attention_mask = left_pad([[1] * len(r) for r in rows], 0, device)  # [B, L]
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [B, L]
+    labels = None if targets is None else left_pad(targets, -100, device)  # [B, L]
+    width = input_ids.shape[1]
+    blocks = [Block(b, width - len(rows[b]) + at, *rest) for b, at, *rest in placed]
+    visual = [sum(k.count for k in blocks if k.sample == b) for b in range(len(rows))]
+    return SplicedInputs(input_ids, attention_mask, position_ids, outputs, visual, labels, blocks)
 
 
 # ---------------------------------------------------------------------------------------------
