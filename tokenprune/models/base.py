@@ -194,7 +194,6 @@ class AdapterCore:
                 "the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json"
             )
         self.llm_input = LlmInput(model, tokenizer, token_ids, SplicedInputs.generate_kwargs)
-        self.layers = LayerRunner(model, self.llm_input) if self.reduces_in_llm else None
 
     @property
     def device(self) -> torch.device:
@@ -210,6 +209,11 @@ class AdapterCore:
     def reduces_in_llm(self) -> bool:
         """Whether the reducer runs inside the LLM, after decoder layer K (`space="llm_layer"`)."""
         return self.reducer.space == "llm_layer"
+
+    @property
+    def layers(self) -> LayerRunner | None:
+        """The LLM run in segments cut by the reducer (None: the reducer does not run inside the LLM)."""
+        return LayerRunner(self.model, self.llm_input) if self.reduces_in_llm else None
 
     @property
     def input_reducer(self) -> Reducer:
@@ -251,14 +255,14 @@ class AdapterCore:
         """The teacher-forced loss of labelled inputs (mean over labelled tokens), reducer in the loop."""
         if inputs.labels is None:
             raise ValueError("loss needs labelled inputs (prepare with answers, or prepare_conversations)")
-        if self.layers is not None:
-            return self.layers.loss(self.reducer, inputs)
+        if (runner := self.layers) is not None:
+            return runner.loss(self.reducer, inputs)
         return self.model(**inputs.as_kwargs(), use_cache=False).loss
 
     def logits(self, inputs: SplicedInputs) -> torch.Tensor:
         """[B, L', V] logits of every position the last layer holds (L' = L without an in-LLM reducer)."""
-        if self.layers is not None:
-            return self.layers.forward(self.reducer, inputs).logits
+        if (runner := self.layers) is not None:
+            return runner.forward(self.reducer, inputs).logits
         kwargs = inputs.as_kwargs()
         kwargs.pop("labels", None)
         return self.model(**kwargs, use_cache=False).logits
@@ -287,7 +291,8 @@ class AdapterCore:
         """
         if videos is not None and any(videos) and not self.capabilities.supports_video:
             raise ValueError(f"the {self.capabilities.family} adapter takes no videos (images only)")
-        runner = self.model if self.layers is None else self.layers.bound(self.reducer)
+        layers = self.layers
+        runner = self.model if layers is None else layers.bound(self.reducer)
         with torch.inference_mode():
             out = generate_answers(
                 runner,
@@ -298,7 +303,7 @@ class AdapterCore:
                 timing,
                 generate_kwargs,
             )
-        if timing is not None and self.layers is not None:
+        if timing is not None and layers is not None:
             timing["layer_tokens"] = runner.layer_tokens
         return out
 
