@@ -378,3 +378,71 @@ def test_keep_by_signal_contract():
     everything = KeepBySignal(layers=1, keep=1.0)(tokens)
     assert everything.lengths.tolist() == [10, 7, 3]
     assert KeepBySignal(layers=1, keep=4)(tokens).lengths.tolist() == [4, 4, 3]
+
+
+# ----------------------------------------------------------------------------- efficiency accounting
+def test_staged_flops_by_hand():
+    """Layers before a cut run on every token, later ones on the kept ones (per stage), cache per stage."""
+    from tokenprune.eval import flops
+
+    llm = flops.LlmShape(layers=4, width=8, mlp_width=16, heads=2, kv_heads=1, vocab=10)
+    per_layer = lambda s: s * llm.linear_flops_per_token + 4 * s**2 * llm.width  # noqa: E731
+    head = 2 * 8 * 10
+    # 1 layer on 6 + 4 text tokens, 2 layers on 3 + 4, 1 layer on 1 + 4
+    stages = flops.llm_stages(llm, [1, 3], [10, 7, 5])
+    assert stages == [(1, 10), (2, 7), (1, 5)]
+    assert flops.prefill_flops(llm, stages) == per_layer(10) + 2 * per_layer(7) + per_layer(5) + head
+    assert flops.prefill_flops(llm, [(4, 10)]) == flops.prefill_flops(llm, 10)
+    step = lambda c: llm.linear_flops_per_token + 4 * c * llm.width  # noqa: E731
+    assert flops.decode_step_flops(llm, [(1, 11), (2, 8), (1, 6)]) == step(11) + 2 * step(8) + step(6) + head
+    shape = flops.ModelShape(vision=None, llm=llm)
+    out = flops.sample_flops(
+        shape, KeepBySignal(layers=[1, 3]), (), "llm_layer", 1, 6, 4, 3, cuts=[1, 3], layer_tokens=[3, 1]
+    )
+    assert out["prefill"] == flops.prefill_flops(llm, stages)
+    assert out["decode"] == flops.decode_step_flops(llm, [(1, 11), (2, 8), (1, 6)]) + flops.decode_step_flops(
+        llm, [(1, 12), (2, 9), (1, 7)]
+    )
+    assert out["prefill_full"] == flops.prefill_flops(llm, 10) and out["total"] is None  # no vision formula
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_meter_counts_the_cut_llm_on_every_family(built, name):
+    """eff/flops_prefill from a real generate's layer_tokens, on every family (vision FLOPs: LLaVA only)."""
+    from tokenprune.eval import flops, meter
+
+    reducer = KeepBySignal(layers=[1, 2], keep=[0.5, 0.25])
+    adapter = load(built[name], name, reducer)
+    images, extra = media(name)
+    timing: dict = {}
+    _, counts = adapter.generate(QUESTIONS, images, **extra, max_new_tokens=3, timing=timing)
+    records = [
+        {
+            "task": "t",
+            "doc_id": b,
+            "visual_tokens": counts[b],
+            "images": len(images[b]),
+            "videos": len(extra.get("videos", [[], []])[b]),
+            "text_tokens": timing["text_tokens"][b],
+            "new_tokens": timing["new_tokens"][b],
+            "layer_tokens": timing["layer_tokens"][b],
+        }
+        for b in range(2)
+    ]
+    eff = meter.summarize(records, adapter)
+    llm = flops.llm_shape(adapter.model.config.text_config)
+    assert llm.layers == DEPTH
+    want = [
+        flops.prefill_flops(
+            llm,
+            flops.llm_stages(
+                llm,
+                [1, 2],
+                [counts[b] + r["text_tokens"]] + [k + r["text_tokens"] for k in r["layer_tokens"]],
+            ),
+        )
+        for b, r in enumerate(records)
+    ]
+    assert eff["eff/flops_prefill_mean"] == sum(want) / 2
+    assert eff["eff/flops_prefill_mean"] < eff["eff/flops_prefill_full_mean"]
+    assert (eff["eff/flops_vit_mean"] is not None) == (name == "tiny_llava")
