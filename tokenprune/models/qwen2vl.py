@@ -92,7 +92,7 @@ class Qwen2VLAdapter(AdapterCore):
     """Qwen2-VL / Qwen2.5-VL (ViT + PatchMerger + Qwen2 LLM with M-RoPE) with a reducer in the loop."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        family="qwen2_vl", supports_video=True, supports_training=False, supports_visualize=False
+        family="qwen2_vl", supports_video=True, supports_training=True, supports_visualize=False
     )
 
     def __init__(
@@ -352,7 +352,7 @@ class Qwen2VLAdapter(AdapterCore):
 
     def splice(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[tuple[str, bool]]],
         images: Sequence[Sequence[int]],
         videos: Sequence[Sequence[int]],
         encoded_images: EncodedMedia | None,
@@ -362,7 +362,9 @@ class Qwen2VLAdapter(AdapterCore):
         """Tokenize prompts, give every image/video its kept count of placeholders, gather M-RoPE.
 
         Args:
-            prompts: one string per sample with one image (video) placeholder per image (video).
+            prompts: one per sample with one image (video) placeholder per image (video): a string
+                (no labels), or a conversation as (text, trained) segments whose trained tokens are
+                labels (-100 elsewhere).
             images, videos: per sample, the indices of its images (videos) in the encoded lists.
             encoded_images, encoded_videos: the reduced tokens (None when there are none).
             answers: per sample, the assistant's reply for teacher forcing (answer + eos, labelled).
@@ -370,7 +372,12 @@ class Qwen2VLAdapter(AdapterCore):
         rope_index = self.model.model.get_rope_index
         rows, targets, positions, placed = [], [], [], []
         for b, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids, labels = [], []
+            segments = [(prompt, False)] if isinstance(prompt, str) else prompt
+            for i, (text, trained) in enumerate(segments):
+                piece = self.tokenizer(text, add_special_tokens=i == 0)["input_ids"]
+                ids += piece
+                labels += piece if trained else [-100] * len(piece)
             answer = [] if answers is None else self.answer_ids(answers[b])
             pending = {self.image_token_id: list(images[b]), self.video_token_id: list(videos[b])}
             expected = {k: len(v) for k, v in pending.items()}
@@ -380,8 +387,8 @@ class Qwen2VLAdapter(AdapterCore):
                     f"{sum(t == self.video_token_id for t in ids)} video placeholders but "
                     f"{expected[self.image_token_id]} images and {expected[self.video_token_id]} videos: {prompt!r}"
                 )
-            full, types, row, gather = [], [], [], []
-            for token in ids + answer:
+            full, types, row, gather, target = [], [], [], [], []
+            for token, label in zip(ids + answer, labels + answer):
                 if token in pending:
                     media = encoded_images if token == self.image_token_id else encoded_videos
                     item = pending[token].pop(0)
@@ -393,12 +400,14 @@ class Qwen2VLAdapter(AdapterCore):
                     full += [token] * media.full[item]
                     types += [1 if token == self.image_token_id else 2] * media.full[item]
                     row += [token] * len(media.sources[item])
+                    target += [-100] * len(media.sources[item])
                     gather += (media.sources[item] + start).tolist()
                 else:
                     gather.append(len(full))
                     full.append(token)
                     types.append(0)
                     row.append(token)
+                    target.append(label)
             extra = {}
             if self.windowed and videos[b]:
                 extra["second_per_grid_ts"] = torch.tensor([encoded_videos.seconds[i] for i in videos[b]])
@@ -411,15 +420,16 @@ class Qwen2VLAdapter(AdapterCore):
             )
             positions.append(pos3[:, 0, gather])  # [3, L_b]
             rows.append(row)
-            targets.append([-100] * (len(row) - len(answer)) + answer)
+            targets.append(target)
         outputs = {}
         if encoded_images is not None and encoded_images.features:
             outputs["image"] = BaseModelOutputWithPooling(pooler_output=encoded_images.features)
         if encoded_videos is not None and encoded_videos.features:
             outputs["video"] = BaseModelOutputWithPooling(pooler_output=encoded_videos.features)
+        labelled = answers is not None or any(not isinstance(p, str) for p in prompts)
         inputs = assemble(
             rows,
-            None if answers is None else targets,
+            targets if labelled else None,
             placed,
             outputs,
             self.tokenizer.pad_token_id,
@@ -459,6 +469,28 @@ class Qwen2VLAdapter(AdapterCore):
         encoded_images = self.encode(*self.preprocess(flat_images)) if flat_images else None
         encoded_videos = self.encode(*self.preprocess_videos(flat_videos)) if flat_videos else None
         return self.splice(prompts, image_ids, video_ids, encoded_images, encoded_videos, answers)
+
+    def prepare_conversations(
+        self,
+        conversations: Sequence[Sequence[tuple[str, bool]]],
+        images: Sequence[Sequence[Image.Image]],
+    ) -> SplicedInputs:
+        """Multi-turn training inputs: rendered conversations (`tokenprune.data.instruct.render` with
+        the `qwen_chatml` template, one vision marker per image in the first) -> LLM inputs with labels
+        on the trained segments. The reducer runs in the forward, so the loss reaches the merger."""
+        image_ids, video_ids = _number(images), [[] for _ in images]
+        flat = [image for sample in images for image in sample]
+        if self.reduces_at_llm_input:
+            self.check_oracle()
+            full_images = self.unreduced(*self.preprocess(flat)) if flat else None
+            return self._prepare_at_llm_input(conversations, image_ids, video_ids, full_images, None, None)
+        encoded = self.encode(*self.preprocess(flat)) if flat else None
+        return self.splice(conversations, image_ids, video_ids, encoded, None)
+
+    def image_token_budget(self) -> int:
+        """The most LLM tokens one image can give (the image processor's max_pixels, merged 2x2)."""
+        vision = self.model.config.vision_config
+        return self.image_processor.size["longest_edge"] // (vision.patch_size * self.merge) ** 2
 
     # ------------------------------------------------------------------ reduction at the LLM input
     def unreduced(
