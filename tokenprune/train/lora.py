@@ -346,7 +346,7 @@ class LoraStage:
             info = {
                 "metrics": metrics,
                 "skipped": dict(skipped),
-                "base_model": str(getattr(adapter.model.config, "_name_or_path", "")),
+                "base_model": str(adapter.model.config.name_or_path),
                 "reducer": type(adapter.reducer).__name__,
                 "checkpoint": resolve_resume("auto", output_dir),
             }
