@@ -445,4 +445,5 @@ def test_meter_counts_the_cut_llm_on_every_family(built, name):
     ]
     assert eff["eff/flops_prefill_mean"] == sum(want) / 2
     assert eff["eff/flops_prefill_mean"] < eff["eff/flops_prefill_full_mean"]
+    assert eff["eff/layer_tokens_mean"] == [sum(r["layer_tokens"][i] for r in records) / 2 for i in range(2)]
     assert (eff["eff/flops_vit_mean"] is not None) == (name == "tiny_llava")

@@ -3,7 +3,9 @@
 Token counts are per sample (all images or video frames of a request together):
 
 * ``eff/visual_tokens_{mean,min,max}``, ``eff/visual_tokens_hist`` ({"edges", "counts"}),
-  ``eff/visual_tokens_per_image_mean``, ``eff/text_tokens_mean``, ``eff/new_tokens_mean``.
+  ``eff/visual_tokens_per_image_mean``, ``eff/text_tokens_mean``, ``eff/new_tokens_mean``;
+  with a reducer inside the LLM, ``eff/layer_tokens_mean``: per cut, the mean visual tokens left
+  after it (``eff/visual_tokens_*`` count the LLM input).
 
 Analytic FLOPs (`tokenprune.eval.flops`, formulas in its docstring), per-sample means from the
 actual counts: ``eff/flops_{vit,signals,reducer,projector,prefill,decode,total}_mean``,
@@ -101,6 +103,9 @@ def summarize(records: Sequence[dict[str, Any]], adapter: Adapter | None = None)
         "eff/text_tokens_mean": _mean([r["text_tokens"] for r in answered if "text_tokens" in r]),
         "eff/new_tokens_mean": _mean([r["new_tokens"] for r in answered if "new_tokens" in r]),
     }
+    staged = [r["layer_tokens"] for r in answered if r.get("layer_tokens")]
+    if staged:
+        eff["eff/layer_tokens_mean"] = [_mean(list(stage)) for stage in zip(*staged)]
     eff.update(_flops(answered, adapter))
     eff.update(_timings(answered))
     return eff
