@@ -432,6 +432,8 @@ def test_shipped_fixtures_are_what_the_generator_writes(tmp_path):
             assert new.read_text() == old.read_text(), rel
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_video_task_goes_through_the_qwen_video_path(manager, tmp_path_factory):
     """A video task on tiny Qwen2-VL: each video reaches the adapter as one Video (temporal M-RoPE),
     with as many visual tokens as Qwen2-VL's own video input of those frames: 3 frames -> 2 temporal

@@ -90,6 +90,8 @@ def test_loss_inside_the_llm_matches_per_sample(qwen_path):
     assert out.layer_tokens[0] != out.layer_tokens[1]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_lora_fit_on_qwen2vl_with_a_reducer(qwen_path, tmp_path):
     cfg = compose(
         [

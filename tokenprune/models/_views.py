@@ -1,4 +1,8 @@
-"""Helpers shared by the adapters whose images come in several grids (Qwen2-VL, LLaVA-OneVision).
+"""The LLM-input core every adapter shares (the splice, positions, LLM-input signals), and views.
+
+`assemble` is the one splice: left padding, attention mask, positions, labels and the `Block` of
+every image / video; `gathered_positions` takes a reduced splice's positions from the unreduced
+one; `LlmInput` computes the LLM-input signals and the model's input embeddings.
 
 A *view* is one patch grid the reducer sees as one sample: a Qwen frame group, a LLaVA-OneVision
 base crop, high-resolution canvas or video frame. Views with the same grid are reduced together
@@ -277,7 +281,7 @@ def _columns(values: torch.Tensor, block: Block) -> torch.Tensor:
 
 
 class LlmInput:
-    """The LLM-input signals of an adapter whose splice records its blocks (Qwen2-VL, LLaVA-OneVision).
+    """The LLM-input signals of a splice that records its blocks (every adapter), and its embeddings.
 
     Per block of an *unreduced* splice, restricted to the block's `columns`:
 
