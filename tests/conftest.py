@@ -59,3 +59,15 @@ def clip_like_signals(b: int, n: int, c: int, seed: int = 0, dtype=torch.float32
         "llm_text_attn": text_attn.to(dtype),
         "relevance": relevance.to(dtype),
     }
+
+
+def reducer_options(in_llm: bool = False) -> list[str]:
+    """The configs/reducer options that run before the LLM (vision / llm / LLM input), or, with
+    `in_llm`, those that run inside it (`space="llm_layer"`, tested in test_layered.py)."""
+    from hydra.utils import get_class
+
+    from tokenprune.config import compose, group_options
+
+    names = group_options("reducer")
+    inside = {n for n in names if get_class(compose([f"reducer={n}"]).reducer._target_).space == "llm_layer"}
+    return sorted(inside) if in_llm else [n for n in names if n not in inside]

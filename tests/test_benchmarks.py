@@ -11,13 +11,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from transformers import LlamaConfig
 
 from tokenprune.config import PROJECT_ROOT, compose, group_options
+from tokenprune.models.base import Capabilities
 from tokenprune.reducers.baselines import NoReduction
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "benchmarks"
@@ -106,9 +109,19 @@ def _oracle_table() -> dict[str, str]:
 class Oracle:
     """An adapter that answers each fixture question perfectly (from the fixture generator's table)."""
 
-    family = "oracle"
+    capabilities = Capabilities(
+        family="oracle",
+        supports_video=False,
+        supports_training=False,
+        supports_visualize=False,
+        image_aspects=("pad", "crop"),
+    )
     device = torch.device("cpu")
     image_aspect = "pad"
+    model = SimpleNamespace(config=SimpleNamespace(text_config=LlamaConfig(num_hidden_layers=2)))
+
+    def vision_flops(self) -> None:
+        return None
 
     def __init__(self) -> None:
         self.reducer = NoReduction()
@@ -417,3 +430,47 @@ def test_shipped_fixtures_are_what_the_generator_writes(tmp_path):
             assert len(sample_frames(new, 50)) == len(sample_frames(old, 50)), rel
         else:
             assert new.read_text() == old.read_text(), rel
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_video_task_goes_through_the_qwen_video_path(manager, tmp_path_factory):
+    """A video task on tiny Qwen2-VL: each video reaches the adapter as one Video (temporal M-RoPE),
+    with as many visual tokens as Qwen2-VL's own video input of those frames: 3 frames -> 2 temporal
+    groups (the last frame repeated), each the merged grid of the smart_resize'd frame."""
+    import math
+
+    import pyarrow.parquet as pq
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from tokenprune.eval.runner import evaluate
+    from tokenprune.eval.video import find_video, sample_frames
+    from tokenprune.models.qwen2vl import Qwen2VLAdapter
+    from tokenprune.models.tiny import BUILDERS
+
+    path = BUILDERS["tiny_qwen2vl"](tmp_path_factory.mktemp("qwen_video") / "tiny_qwen2vl")
+    adapter = Qwen2VLAdapter.from_pretrained(str(path), dtype="float32", device="cpu", video_max_pixels=1600)
+    bench = benchmark(
+        "egoschema",
+        "benchmark.limit=2",
+        "benchmark.video_frames=3",
+        "benchmark.gen_kwargs='max_new_tokens=2'",
+    )
+    out = evaluate(adapter, bench, task_manager=manager)
+    assert out["failures"] == [] and len(out["samples"]) == 2
+    root = FIXTURES / "lmms-eval" / "egoschema"
+    videos = pq.read_table(root / "Subset" / "test-00000-of-00001.parquet").column("video_idx").to_pylist()
+    vision = adapter.model.config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    for record in out["samples"]:
+        assert (record["videos"], record["images"]) == (1, 0)  # one video, not frames as images
+        frame = sample_frames(find_video(root / "videos", videos[record["doc_id"]]), 3)[0]
+        height, width = smart_resize(
+            frame.height,
+            frame.width,
+            factor=factor,
+            min_pixels=adapter.video_size["shortest_edge"],
+            max_pixels=adapter.video_size["longest_edge"],
+        )
+        groups = math.ceil(3 / vision.temporal_patch_size)
+        assert record["visual_tokens"] == groups * (height // factor) * (width // factor)

@@ -108,7 +108,7 @@ def test_signal_equals_eager_attention(built, name):
     assert adapter.model.config.text_config._attn_implementation == "sdpa"
     questions, images, videos = batch(name)
     with torch.no_grad():
-        inputs = adapter.prepare(questions, images, videos)
+        inputs = adapter.prepare(questions, images, videos=videos)
         signal = adapter.text_attention(inputs)
     assert [b.sample for b in inputs.blocks] == [0, 1, 1] + [2] * (1 + (name != "tiny_llava_ov"))
     assert inputs.blocks[-1].modality == "video" and inputs.blocks[-1].grid[0] > 1
@@ -130,7 +130,7 @@ def test_signal_uses_the_models_own_mrope(built, name):
     images, videos = random_images(1, seed=4), [video(4)]
     reference = qwen_hf_inputs(adapter, QUESTIONS[0], images, videos)
     with torch.no_grad():
-        ours = adapter.prepare(QUESTIONS[:1], [images], [videos])
+        ours = adapter.prepare(QUESTIONS[:1], [images], videos=[videos])
         signal = adapter.text_attention(ours)
         probs = eager_model(built[name])(**reference, output_attentions=True).attentions[0][0]
     assert torch.equal(ours.input_ids, reference["input_ids"])
@@ -147,8 +147,8 @@ def test_signal_rows_stop_before_the_answer(built, name):
     adapter = load(built, name)
     questions, images, videos = batch(name)
     with torch.no_grad():
-        prompt_only = adapter.text_attention(adapter.prepare(questions[:1], images[:1], videos[:1]))
-        with_answer = adapter.prepare(questions[:1], images[:1], videos[:1], answers=["red"])
+        prompt_only = adapter.text_attention(adapter.prepare(questions[:1], images[:1], videos=videos[:1]))
+        with_answer = adapter.prepare(questions[:1], images[:1], videos=videos[:1], answers=["red"])
         signal = adapter.text_attention(with_answer)
     want = eager_text_attention(eager_model(built[name]), with_answer, adapter)
     for got, alone, expected in zip(signal, prompt_only, want):
@@ -177,8 +177,8 @@ def test_keep_all_reproduces_the_plain_hf_forward(built, name, reducer):
     for question, (images, videos) in zip(QUESTIONS, KEEP_ALL[name]):
         hf = hf_inputs(adapter, question, images, videos)
         with torch.no_grad():
-            ours = adapter.prepare([question], [images], [videos])
-            unreduced = plain.prepare([question], [images], [videos])
+            ours = adapter.prepare([question], [images], videos=[videos])
+            unreduced = plain.prepare([question], [images], videos=[videos])
             got = adapter.model(**ours.as_kwargs()).logits
             want = reference(**hf).logits
         assert torch.equal(ours.input_ids, hf["input_ids"])
@@ -188,8 +188,8 @@ def test_keep_all_reproduces_the_plain_hf_forward(built, name, reducer):
         # get_image_features in the last bits (~3e-7), as for reducer=none (tests/test_qwen2vl.py)
         exact = {"rtol": 0, "atol": 0} if name == "tiny_llava_ov" else {}
         torch.testing.assert_close(got, want, **exact)
-        assert adapter.generate([question], [images], [videos], max_new_tokens=5) == plain.generate(
-            [question], [images], [videos], max_new_tokens=5
+        assert adapter.generate([question], [images], videos=[videos], max_new_tokens=5) == plain.generate(
+            [question], [images], videos=[videos], max_new_tokens=5
         )
 
 
@@ -209,12 +209,12 @@ def test_batch_with_different_kept_counts_answers_like_singles(built, name, redu
     adapter = load(built, name, half)
     questions, images, videos = batch(name)
     singles = [
-        adapter.generate([q], [i], [v], max_new_tokens=6) for q, i, v in zip(questions, images, videos)
+        adapter.generate([q], [i], videos=[v], max_new_tokens=6) for q, i, v in zip(questions, images, videos)
     ]
     with torch.no_grad():
-        inputs = adapter.prepare(questions, images, videos)
-        full = load(built, name).prepare(questions, images, videos)
-    texts, kept = adapter.generate(questions, images, videos, max_new_tokens=6)
+        inputs = adapter.prepare(questions, images, videos=videos)
+        full = load(built, name).prepare(questions, images, videos=videos)
+    texts, kept = adapter.generate(questions, images, videos=videos, max_new_tokens=6)
     assert kept == [s[1][0] for s in singles] == inputs.visual_tokens
     assert len(set(kept)) == 3, kept
     newline = int(name == "tiny_llava_ov")  # a reduced OneVision item: kept tokens + one newline
@@ -227,7 +227,7 @@ def test_batch_with_different_kept_counts_answers_like_singles(built, name, redu
     with torch.no_grad():
         batched = adapter.model(**inputs.as_kwargs()).logits[:, -1]
         for b, (q, i, v) in enumerate(zip(questions, images, videos)):
-            one = adapter.prepare([q], [i], [v])
+            one = adapter.prepare([q], [i], videos=[v])
             torch.testing.assert_close(
                 batched[b], adapter.model(**one.as_kwargs()).logits[0, -1], rtol=1e-4, atol=1e-4
             )
@@ -264,9 +264,9 @@ def test_training_inputs_reach_the_mapper(built, name):
     mapper = ExplainMapper(ratio=0.5)
     adapter = load(built, name, mapper)
     questions, images, videos = batch(name)
-    inputs = adapter.prepare(questions[1:], images[1:], videos[1:], answers=["two", "yes"])
+    inputs = adapter.prepare(questions[1:], images[1:], videos=videos[1:], answers=["two", "yes"])
     for b, answer in enumerate(["two", "yes"]):
-        assert inputs.labels[b][inputs.labels[b] != -100].tolist() == adapter._answer_ids(answer)
+        assert inputs.labels[b][inputs.labels[b] != -100].tolist() == adapter.answer_ids(answer)
     adapter.model(**inputs.as_kwargs()).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mapper.net.parameters())
     projector = (
@@ -290,8 +290,8 @@ def test_qwen_positions_are_the_unpruned_mrope_gathered(built):
     adapter = load(built, "tiny_qwen2vl", mapper)
     images, videos = random_images(1, seed=5), [video(6)]
     with torch.no_grad():
-        full = load(built, "tiny_qwen2vl").prepare(QUESTIONS[:1], [images], [videos])
-        reduced = adapter.prepare(QUESTIONS[:1], [images], [videos])
+        full = load(built, "tiny_qwen2vl").prepare(QUESTIONS[:1], [images], videos=[videos])
+        reduced = adapter.prepare(QUESTIONS[:1], [images], videos=[videos])
         signal = adapter.text_attention(full)
     keep = torch.ones(full.input_ids.shape[1], dtype=torch.bool)
     for block, values in zip(full.blocks, signal):
@@ -307,7 +307,7 @@ def test_qwen_positions_are_the_unpruned_mrope_gathered(built):
     assert torch.equal(reduced.position_ids[0, 0], torch.arange(int(keep.sum())))
     mapper.positions = "renumber"
     with pytest.raises(ValueError, match="positions='renumber' is not supported"):
-        adapter.prepare(QUESTIONS[:1], [images], [videos])
+        adapter.prepare(QUESTIONS[:1], [images], videos=[videos])
 
 
 def test_onevision_positions_gather_or_renumber(built):
@@ -318,8 +318,8 @@ def test_onevision_positions_gather_or_renumber(built):
     adapter = load(built, "tiny_llava_ov", mapper)
     images, videos = [[big_image()], []], [[], [video(3)]]
     with torch.no_grad():
-        full = load(built, "tiny_llava_ov").prepare(QUESTIONS[:2], images, videos)
-        reduced = adapter.prepare(QUESTIONS[:2], images, videos)
+        full = load(built, "tiny_llava_ov").prepare(QUESTIONS[:2], images, videos=videos)
+        reduced = adapter.prepare(QUESTIONS[:2], images, videos=videos)
         signal = adapter.text_attention(full)
     assert reduced.gathered_positions
     newline = adapter.model.model.image_newline
@@ -346,7 +346,7 @@ def test_onevision_positions_gather_or_renumber(built):
     adapter.generate(
         QUESTIONS[:2],
         images,
-        videos,
+        videos=videos,
         max_new_tokens=3,
         min_new_tokens=3,
         suppress_tokens=banned[1:],
@@ -359,7 +359,7 @@ def test_onevision_positions_gather_or_renumber(built):
         torch.testing.assert_close(scores, want[:, step], rtol=1e-4, atol=1e-4)
     mapper.positions = "renumber"
     with torch.no_grad():
-        renumbered = adapter.prepare(QUESTIONS[:2], images, videos)
+        renumbered = adapter.prepare(QUESTIONS[:2], images, videos=videos)
     mask = renumbered.attention_mask
     assert not renumbered.gathered_positions and torch.equal(renumbered.input_ids, reduced.input_ids)
     assert torch.equal(renumbered.position_ids, (mask.cumsum(-1) - 1).clamp(min=0))
@@ -380,8 +380,8 @@ def test_videos_use_the_video_mapper(built, name, tmp_path):
     adapter = load(built, name, mapper)
     images, videos = [[random_images(1, seed=6)[0]]], [[video(4)]]
     with torch.no_grad():
-        full = load(built, name).prepare(QUESTIONS[:1], images, videos)
-        reduced = adapter.prepare(QUESTIONS[:1], images, videos)
+        full = load(built, name).prepare(QUESTIONS[:1], images, videos=videos)
+        reduced = adapter.prepare(QUESTIONS[:1], images, videos=videos)
         signal = adapter.text_attention(full)
     picked = {}
     for block, values in zip(full.blocks, signal):
@@ -451,7 +451,7 @@ def test_relevance_equals_brute_force(deep_qwen):
     adapter = Qwen2VLAdapter.from_pretrained(deep_qwen, dtype="float32", device="cpu", video_max_pixels=1600)
     eager = eager_model(deep_qwen)
     with torch.no_grad():
-        inputs = adapter.prepare(QUESTIONS[:2], [random_images(1), []], [[], [video(4)]])
+        inputs = adapter.prepare(QUESTIONS[:2], [random_images(1), []], videos=[[], [video(4)]])
         answers = adapter.greedy_answer_ids(inputs, 3)
     answers = [[t for t in a if t != adapter.tokenizer.eos_token_id] or [7] for a in answers]
     got = adapter.answer_relevance(inputs, answers)
@@ -499,7 +499,7 @@ def test_label_records_per_image_and_video(built, name, tmp_path):
     assert [records[k].modality for k in ("one", "two/0", "clip")] == ["image", "image", "video"]
     assert records["clip"].grid[0] > 1  # all frames: one record
     with torch.no_grad():
-        inputs = adapter.prepare([QUESTIONS[2]], [[]], [[video(4)]])
+        inputs = adapter.prepare([QUESTIONS[2]], [[]], videos=[[video(4)]])
         signal = adapter.text_attention(inputs)[0]
         answer = adapter.greedy_answer_ids(inputs, 2)[0]
     eos = adapter.tokenizer.eos_token_id

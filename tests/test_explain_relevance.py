@@ -7,7 +7,14 @@ from conftest import random_images
 from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
 from tokenprune.explain.gae import GAE_ATTENTION
+from tokenprune.models._views import block_rows
 from tokenprune.models.llava import LlavaAdapter
+
+
+def image_blocks(inputs):
+    """Per image (sample, first column, count) of a splice, and the text rows after each."""
+    return [(b.sample, b.first, b.count) for b in inputs.blocks], block_rows(inputs)
+
 
 QUESTIONS = ["What color is the circle?", "How many objects are there?"]
 
@@ -64,8 +71,8 @@ def test_relevance_equals_brute_force(deep_path, target):
         inputs = adapter.prepare(QUESTIONS, [[images[0]], [images[1]]])  # left-padded batch of 2
         answers = adapter.greedy_answer_ids(inputs, 3)
     answers = [[t for t in a if t != adapter.tokenizer.eos_token_id] or [7] for a in answers]
-    got = adapter.answer_relevance(inputs, answers, target=target)  # [2, 576]
-    blocks, _ = adapter.image_blocks(inputs)
+    got = torch.stack(adapter.answer_relevance(inputs, answers, target=target))  # [2, 576]
+    blocks, _ = image_blocks(inputs)
     features = inputs.mm_encoder_outputs["image"].pooler_output
     for b, answer in enumerate(answers):
         valid = inputs.attention_mask[b].bool()
@@ -85,7 +92,7 @@ def test_relevance_leaves_the_model_as_it_was(tiny_llava_path):
     with torch.no_grad():
         before = adapter.generate(QUESTIONS[:1], [images], max_new_tokens=4)
         inputs = adapter.prepare(QUESTIONS[:1], [images])
-    relevance = adapter.answer_relevance(inputs, [[5, 6]])
+    relevance = torch.stack(adapter.answer_relevance(inputs, [[5, 6]]))
     assert relevance.shape == (1, 576) and bool(torch.isfinite(relevance).all())
     assert language.config._attn_implementation == "sdpa" != GAE_ATTENTION
     assert adapter.model.config.vision_config._attn_implementation == "sdpa"

@@ -6,9 +6,16 @@ import torch
 from conftest import random_images
 from transformers import LlavaForConditionalGeneration, LogitsProcessorList
 
+from tokenprune.models._views import block_rows
 from tokenprune.models.llava import LlavaAdapter
 from tokenprune.reducers.explain_mapper import ExplainMapper, ExplainOracle
 from tokenprune.types import LLM_TEXT_ATTN
+
+
+def image_blocks(inputs):
+    """Per image (sample, first column, count) of a splice, and the text rows after each."""
+    return [(b.sample, b.first, b.count) for b in inputs.blocks], block_rows(inputs)
+
 
 QUESTIONS = ["What color is the circle?", "Is there a red square in the image? Answer yes or no."]
 
@@ -44,8 +51,8 @@ def test_signal_equals_eager_attention(tiny_llava_path, eager_model):
     images = random_images(3)
     with torch.no_grad():
         inputs = adapter.prepare(QUESTIONS, [[images[0]], [images[1], images[2]]])
-        signal = adapter.text_attention(inputs)
-    blocks, rows = adapter.image_blocks(inputs)
+        signal = torch.stack(adapter.text_attention(inputs))
+    blocks, rows = image_blocks(inputs)
     assert [b for b, _, _ in blocks] == [0, 1, 1] and signal.shape == (3, 576)
     assert rows[1].sum() > rows[2].sum()  # the first image of sample 1 also has the second's "\n" after it
     want = eager_text_attention(eager_model, inputs, blocks, rows)
@@ -58,11 +65,11 @@ def test_signal_rows_stop_before_the_answer(tiny_llava_path, eager_model):
     adapter = adapter_with(tiny_llava_path)
     images = random_images(1)
     with torch.no_grad():
-        prompt_only = adapter.text_attention(adapter.prepare(QUESTIONS[:1], [images]))
+        prompt_only = torch.stack(adapter.text_attention(adapter.prepare(QUESTIONS[:1], [images])))
         with_answer = adapter.prepare(QUESTIONS[:1], [images], answers=["red"])
-        signal = adapter.text_attention(with_answer)
+        signal = torch.stack(adapter.text_attention(with_answer))
     torch.testing.assert_close(signal, prompt_only, rtol=1e-5, atol=1e-9)
-    blocks, rows = adapter.image_blocks(with_answer)
+    blocks, rows = image_blocks(with_answer)
     assert not bool((rows & (with_answer.labels != -100)[blocks[0][0]]).any())
     want = eager_text_attention(eager_model, with_answer, blocks, rows)
     torch.testing.assert_close(signal, want, rtol=1e-5, atol=1e-8)
@@ -72,8 +79,11 @@ def test_signal_is_batch_invariant(tiny_llava_path):
     adapter = adapter_with(tiny_llava_path)
     images = random_images(2)
     with torch.no_grad():
-        batched = adapter.text_attention(adapter.prepare(QUESTIONS, [[images[0]], [images[1]]]))
-        alone = [adapter.text_attention(adapter.prepare([q], [[i]])) for q, i in zip(QUESTIONS, images)]
+        batched = torch.stack(adapter.text_attention(adapter.prepare(QUESTIONS, [[images[0]], [images[1]]])))
+        alone = [
+            torch.stack(adapter.text_attention(adapter.prepare([q], [[i]])))
+            for q, i in zip(QUESTIONS, images)
+        ]
     torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-5, atol=1e-9)
 
 
@@ -87,9 +97,11 @@ def test_reduced_splice_gathers_positions(tiny_llava_path):
         reduced = adapter.prepare(QUESTIONS, [[images[0]], [images[1]]])
         tokens = adapter.visual_tokens(adapter.preprocess(images))
         projected = adapter.model.model.multi_modal_projector(tokens.features)
-        kept = mapper(type(tokens)(projected, tokens.grid, {LLM_TEXT_ATTN: adapter.text_attention(full)}))
+        kept = mapper(
+            type(tokens)(projected, tokens.grid, {LLM_TEXT_ATTN: torch.stack(adapter.text_attention(full))})
+        )
     assert reduced.visual_tokens == [144, 144] and reduced.gathered_positions
-    blocks, _ = adapter.image_blocks(full)
+    blocks, _ = image_blocks(full)
     for b, (_, first, _) in enumerate(blocks):
         valid = full.attention_mask[b].bool()
         offset = int((~valid).sum())
@@ -189,7 +201,7 @@ def test_oracle_keeps_the_most_relevant_tokens(tiny_llava_path):
         full = adapter_with(tiny_llava_path).prepare(QUESTIONS[:1], [images])
         answer = adapter.greedy_answer_ids(full, 3)
     eos = adapter.tokenizer.eos_token_id
-    relevance = adapter.answer_relevance(full, [[t for t in answer[0] if t != eos]])  # [1, 576]
+    relevance = torch.stack(adapter.answer_relevance(full, [[t for t in answer[0] if t != eos]]))  # [1, 576]
     want = torch.sort(relevance[0], descending=True, stable=True).indices[:144].sort().values
     with torch.no_grad():
         reduced = adapter.prepare(QUESTIONS[:1], [images])

@@ -118,7 +118,7 @@ def test_labels_cover_only_answers_and_batch_losses_match_singles(tiny_llava):
     assert inputs.visual_tokens == [30, 60, 0]
     for b, answer in enumerate(answers):
         labelled = inputs.labels[b][inputs.labels[b] != -100].tolist()
-        assert labelled == tiny_llava._answer_ids(answer)
+        assert labelled == tiny_llava.answer_ids(answer)
         assert labelled[-1] == tiny_llava.tokenizer.eos_token_id
         assert torch.equal(inputs.input_ids[b, -len(labelled) :], torch.tensor(labelled))
     with torch.no_grad():

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import random_images
+from conftest import random_images, reducer_options
 from hydra.utils import instantiate
 from PIL import Image
 from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from tokenprune.config import compose, group_options
+from tokenprune.config import compose
 from tokenprune.models.llava_ov import LlavaOnevisionAdapter
 from tokenprune.reducers._ops import resolve_budget
 from tokenprune.reducers.baselines import UniformSample
@@ -130,7 +130,7 @@ def test_no_reduction_logits_equal_plain_hf_forward(ov_path, media):
     images = images[media]
     videos = [video_array()] if media == "video" else []
     inputs = hf_inputs(adapter, QUESTIONS[0], images, videos)
-    ours = adapter.prepare([QUESTIONS[0]], [images], [videos])
+    ours = adapter.prepare([QUESTIONS[0]], [images], videos=[videos])
     assert torch.equal(ours.input_ids, inputs["input_ids"])
     with torch.no_grad():
         want = reference(**inputs).logits
@@ -148,7 +148,7 @@ def test_no_reduction_greedy_generate_equals_plain_hf(ov_path):
             want = reference.generate(**inputs, max_new_tokens=8, do_sample=False)[
                 :, inputs["input_ids"].shape[1] :
             ]
-        texts, kept = adapter.generate([question], [images], [videos], max_new_tokens=8)
+        texts, kept = adapter.generate([question], [images], videos=[videos], max_new_tokens=8)
         assert texts == [adapter.tokenizer.decode(want[0], skip_special_tokens=True).strip()]
         placeholders = (inputs["input_ids"] == adapter.image_token_id) | (
             inputs["input_ids"] == adapter.video_token_id
@@ -162,17 +162,18 @@ def test_batch_with_different_kept_counts_answers_like_singles(ov_path):
     samples = [[big_image()], [images[1], images[2]], [], [images[3]]]
     videos = [[], [], [Video(video_array(5), fps=1.0)], [video_array(3, seed=2)]]
     singles = [
-        adapter.generate([q], [s], [v], max_new_tokens=8) for q, s, v in zip(QUESTIONS, samples, videos)
+        adapter.generate([q], [s], videos=[v], max_new_tokens=8)
+        for q, s, v in zip(QUESTIONS, samples, videos)
     ]
-    inputs = adapter.prepare(QUESTIONS, samples, videos)
-    texts, kept = adapter.generate(QUESTIONS, samples, videos, max_new_tokens=8)
+    inputs = adapter.prepare(QUESTIONS, samples, videos=videos)
+    texts, kept = adapter.generate(QUESTIONS, samples, videos=videos, max_new_tokens=8)
     assert kept == [s[1][0] for s in singles] == inputs.visual_tokens
     assert len(set(kept)) >= 3, kept
     assert texts == [s[0][0] for s in singles]
     with torch.no_grad():
         batched = adapter.model(**inputs.as_kwargs()).logits[:, -1]
         for b, (q, s, v) in enumerate(zip(QUESTIONS, samples, videos)):
-            one = adapter.prepare([q], [s], [v])
+            one = adapter.prepare([q], [s], videos=[v])
             torch.testing.assert_close(
                 batched[b], adapter.model(**one.as_kwargs()).logits[0, -1], rtol=1e-4, atol=1e-4
             )
@@ -261,7 +262,7 @@ def test_signals_match_eager_attention(ov_path):
 
 def reducer_cases():
     out = []
-    for name in group_options("reducer"):
+    for name in reducer_options():
         node = compose([f"reducer={name}"]).reducer
         overrides = [f"reducer.{k}=6" for k in ("keep", "budget") if k in node and node[k] is not None]
         out.append(pytest.param(name, overrides, id=name))
@@ -277,20 +278,20 @@ def test_every_reducer_runs(ov_path, name, overrides):
     images, videos = [[big_image()], random_images(2, seed=7), []], [[], [], [video_array(3)]]
     if set(reducer.requires) & set(LLM_SIGNALS):  # at the LLM input: each image / video one sequence
         with torch.no_grad():
-            full = load(ov_path).prepare(QUESTIONS[:3], images, videos)
+            full = load(ov_path).prepare(QUESTIONS[:3], images, videos=videos)
             expected = [0, 0, 0]
             for block in full.blocks:  # the kept non-newline tokens, then one newline
                 expected[block.sample] += (
                     resolve_budget(block.columns.numel(), reducer.keep, reducer.ratio) + 1
                 )
-            inputs = adapter.prepare(QUESTIONS[:3], images, videos)
+            inputs = adapter.prepare(QUESTIONS[:3], images, videos=videos)
             logits = adapter.model(**inputs.as_kwargs()).logits
         assert inputs.visual_tokens == expected and torch.isfinite(logits).all()
         placeholders = (inputs.input_ids == adapter.image_token_id) | (
             inputs.input_ids == adapter.video_token_id
         )
         assert placeholders.sum(-1).tolist() == expected
-        texts, counts = adapter.generate(QUESTIONS[:3], images, videos, max_new_tokens=3)
+        texts, counts = adapter.generate(QUESTIONS[:3], images, videos=videos, max_new_tokens=3)
         assert counts == expected and len(texts) == 3
         return
 
@@ -311,24 +312,24 @@ def test_every_reducer_runs(ov_path, name, overrides):
             expected.append(total)
         frames = adapter.preprocess_videos(videos[2])[0]
         expected.append(sum(kept(v)[0] for v in adapter.video_views(adapter.tower(frames), None)) + 1)
-        inputs = adapter.prepare(QUESTIONS[:3], images, videos)
+        inputs = adapter.prepare(QUESTIONS[:3], images, videos=videos)
         logits = adapter.model(**inputs.as_kwargs()).logits
     assert inputs.visual_tokens == expected
     placeholders = (inputs.input_ids == adapter.image_token_id) | (inputs.input_ids == adapter.video_token_id)
     assert placeholders.sum(-1).tolist() == expected
     assert torch.isfinite(logits).all()
-    texts, counts = adapter.generate(QUESTIONS[:3], images, videos, max_new_tokens=3)
+    texts, counts = adapter.generate(QUESTIONS[:3], images, videos=videos, max_new_tokens=3)
     assert counts == expected and len(texts) == 3
 
 
 def test_labels_and_gradients(ov_path):
     adapter = load(ov_path, UniformSample(keep=5))
     inputs = adapter.prepare(
-        QUESTIONS[:2], [random_images(1), []], [[], [video_array(2)]], answers=["red", "two"]
+        QUESTIONS[:2], [random_images(1), []], videos=[[], [video_array(2)]], answers=["red", "two"]
     )
     for b, answer in enumerate(["red", "two"]):
         labelled = inputs.labels[b][inputs.labels[b] != -100].tolist()
-        assert labelled == adapter._answer_ids(answer) and labelled[-1] == adapter.tokenizer.eos_token_id
+        assert labelled == adapter.answer_ids(answer) and labelled[-1] == adapter.tokenizer.eos_token_id
     adapter.model(**inputs.as_kwargs()).loss.backward()
     assert adapter.model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 

@@ -5,7 +5,7 @@ and every reducer config end to end."""
 import numpy as np
 import pytest
 import torch
-from conftest import random_images
+from conftest import random_images, reducer_options
 from hydra.utils import instantiate
 from PIL import Image
 from transformers import AttentionInterface, AutoModelForImageTextToText
@@ -13,7 +13,7 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_window_index
 
-from tokenprune.config import compose, group_options
+from tokenprune.config import compose
 from tokenprune.models.qwen2vl import Qwen2VLAdapter
 from tokenprune.reducers._ops import resolve_budget
 from tokenprune.reducers.baselines import UniformSample
@@ -113,7 +113,7 @@ def test_no_reduction_logits_equal_plain_hf_forward(qwen_path, media):
     videos = [video_array()] if "video" in media else []
     images = random_images(images)
     inputs = hf_inputs(adapter, QUESTIONS[0], images, videos)
-    ours = adapter.prepare([QUESTIONS[0]], [images], [videos])
+    ours = adapter.prepare([QUESTIONS[0]], [images], videos=[videos])
     assert torch.equal(ours.input_ids, inputs["input_ids"])
     with torch.no_grad():
         want = reference(**inputs).logits
@@ -135,7 +135,7 @@ def test_no_reduction_greedy_generate_equals_plain_hf(qwen_path):
             want = reference.generate(**inputs, max_new_tokens=8, do_sample=False)[
                 :, inputs["input_ids"].shape[1] :
             ]
-        texts, kept = adapter.generate([question], [images], [videos], max_new_tokens=8)
+        texts, kept = adapter.generate([question], [images], videos=[videos], max_new_tokens=8)
         assert texts == [adapter.tokenizer.decode(want[0], skip_special_tokens=True).strip()]
         assert kept == [int((inputs["mm_token_type_ids"] > 0).sum())]
 
@@ -147,17 +147,18 @@ def test_batch_with_different_kept_counts_answers_like_singles(qwen_path):
     samples = [[images[0]], [images[1], images[2]], [], [images[3]]]
     videos = [[], [], [Video(video_array(5), fps=1.0)], [video_array(3, seed=2)]]
     singles = [
-        adapter.generate([q], [s], [v], max_new_tokens=8) for q, s, v in zip(QUESTIONS, samples, videos)
+        adapter.generate([q], [s], videos=[v], max_new_tokens=8)
+        for q, s, v in zip(QUESTIONS, samples, videos)
     ]
-    inputs = adapter.prepare(QUESTIONS, samples, videos)
-    texts, kept = adapter.generate(QUESTIONS, samples, videos, max_new_tokens=8)
+    inputs = adapter.prepare(QUESTIONS, samples, videos=videos)
+    texts, kept = adapter.generate(QUESTIONS, samples, videos=videos, max_new_tokens=8)
     assert kept == [s[1][0] for s in singles] == inputs.visual_tokens
     assert len(set(kept)) >= 3, kept  # visual lengths differ across the batch
     assert texts == [s[0][0] for s in singles]
     with torch.no_grad():  # the last prompt position's logits of each sample, batched vs alone
         batched = adapter.model(**inputs.as_kwargs()).logits[:, -1]
         for b, (q, s, v) in enumerate(zip(QUESTIONS, samples, videos)):
-            one = adapter.prepare([q], [s], [v])
+            one = adapter.prepare([q], [s], videos=[v])
             torch.testing.assert_close(
                 batched[b], adapter.model(**one.as_kwargs()).logits[0, -1], rtol=1e-4, atol=1e-4
             )
@@ -167,8 +168,8 @@ def test_mrope_positions_are_the_unpruned_ones_gathered(qwen_path):
     """Kept tokens keep their (t, h, w); the extra token sits at its frame group's centre; text keeps its offset."""
     adapter = load(qwen_path, PruMerge(min_keep=3))
     images, videos = random_images(1, seed=5), [video_array(4)]
-    full = load(qwen_path).prepare([QUESTIONS[1]], [images], [videos])
-    ours = adapter.prepare([QUESTIONS[1]], [images], [videos])
+    full = load(qwen_path).prepare([QUESTIONS[1]], [images], videos=[videos])
+    ours = adapter.prepare([QUESTIONS[1]], [images], videos=[videos])
     pixel_values, grid = adapter.preprocess(images)
     encoded = adapter.encode(pixel_values, grid)
     visual = (full.input_ids[0] == adapter.image_token_id).nonzero()[:, 0]
@@ -189,7 +190,7 @@ def test_reduced_generation_continues_like_a_no_cache_loop(qwen_path):
     with every position row extended by +1 (the continuation rule for M-RoPE after a text prompt)."""
     adapter = load(qwen_path, PruMerge(min_keep=2))
     images, videos = [random_images(1, seed=2), []], [[], [video_array(3)]]
-    inputs = adapter.prepare(QUESTIONS[:2], images, videos)
+    inputs = adapter.prepare(QUESTIONS[:2], images, videos=videos)
     ids, mask, positions = inputs.input_ids, inputs.attention_mask, inputs.position_ids
     with torch.no_grad():
         for _ in range(6):
@@ -202,7 +203,7 @@ def test_reduced_generation_continues_like_a_no_cache_loop(qwen_path):
             token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
             ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
             positions = torch.cat([positions, positions[..., -1:] + 1], -1)
-    texts, _ = adapter.generate(QUESTIONS[:2], images, videos, max_new_tokens=6)
+    texts, _ = adapter.generate(QUESTIONS[:2], images, videos=videos, max_new_tokens=6)
     want = adapter.tokenizer.batch_decode(ids[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     assert texts == [t.strip() for t in want]
 
@@ -286,7 +287,7 @@ def test_signals_match_eager_attention(qwen_path):
 
 def reducer_cases():
     out = []
-    for name in group_options("reducer"):
+    for name in reducer_options():
         node = compose([f"reducer={name}"]).reducer
         overrides = [f"reducer.{k}=6" for k in ("keep", "budget") if k in node and node[k] is not None]
         out.append(pytest.param(name, overrides, id=name))
@@ -302,7 +303,7 @@ def test_every_reducer_runs(built, name, overrides):
     with torch.no_grad():
         expected = []
         if set(reducer.requires) & set(LLM_SIGNALS):  # at the LLM input: each image / video one sequence
-            full = load(built["tiny_qwen2vl"]).prepare(QUESTIONS[:2], images, videos)
+            full = load(built["tiny_qwen2vl"]).prepare(QUESTIONS[:2], images, videos=videos)
             expected = [0, 0]
             for block in full.blocks:
                 expected[block.sample] += resolve_budget(block.count, reducer.keep, reducer.ratio)
@@ -318,24 +319,24 @@ def test_every_reducer_runs(built, name, overrides):
                         )
                         total += int(reducer(tokens).lengths[0])
                 expected.append(total)
-        inputs = adapter.prepare(QUESTIONS[:2], images, videos)
+        inputs = adapter.prepare(QUESTIONS[:2], images, videos=videos)
         logits = adapter.model(**inputs.as_kwargs()).logits
     assert inputs.visual_tokens == expected
     placeholders = (inputs.input_ids == adapter.image_token_id) | (inputs.input_ids == adapter.video_token_id)
     assert placeholders.sum(-1).tolist() == expected
     assert torch.isfinite(logits).all()
-    texts, kept = adapter.generate(QUESTIONS[:2], images, videos, max_new_tokens=3)
+    texts, kept = adapter.generate(QUESTIONS[:2], images, videos=videos, max_new_tokens=3)
     assert kept == expected and len(texts) == 2
 
 
 def test_labels_cover_only_answers(qwen_path):
     adapter = load(qwen_path, UniformSample(keep=5))
     inputs = adapter.prepare(
-        QUESTIONS[:2], [random_images(1), []], [[], [video_array(2)]], answers=["red", "two"]
+        QUESTIONS[:2], [random_images(1), []], videos=[[], [video_array(2)]], answers=["red", "two"]
     )
     for b, answer in enumerate(["red", "two"]):
         labelled = inputs.labels[b][inputs.labels[b] != -100].tolist()
-        assert labelled == adapter._answer_ids(answer) and labelled[-1] == adapter.tokenizer.eos_token_id
+        assert labelled == adapter.answer_ids(answer) and labelled[-1] == adapter.tokenizer.eos_token_id
     loss = adapter.model(**inputs.as_kwargs()).loss
     loss.backward()
     assert adapter.model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0

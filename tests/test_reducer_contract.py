@@ -6,13 +6,13 @@ import inspect
 
 import pytest
 import torch
-from conftest import clip_like_signals
+from conftest import clip_like_signals, reducer_options
 from hydra.utils import get_class, instantiate
 
-from tokenprune.config import compose, group_options
+from tokenprune.config import compose
 from tokenprune.types import Reduced, VisualTokens
 
-REDUCERS = group_options("reducer")
+REDUCERS = reducer_options()
 # Reducers whose output tokens are copies of input patches (index names the copied patch).
 PURE_SELECTION = {"none", "random", "uniform", "explain_mapper", "explain_oracle"}
 GRIDS = [(24, 24), (6, 8)]

@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
-Space = Literal["vision", "llm"]
+Space = Literal["vision", "llm", "llm_layer"]
+Positions = Literal["gather", "renumber"]
 
 # Signal names used across the project (DESIGN §3). Adapters compute them; reducers ask for them
 # through their `requires` attribute.
@@ -19,6 +20,32 @@ LLM_TEXT_ATTN = "llm_text_attn"
 # [B, N] GAE relevance of the answer for each visual token (explain_oracle; needs the answer)
 RELEVANCE = "relevance"
 LLM_SIGNALS = (LLM_TEXT_ATTN, RELEVANCE)  # signals computed on the LLM input, not the vision tower
+
+# Signals of the reduction point inside the LLM (`space="llm_layer"`, a cut after decoder layer K, i.e.
+# the first K layers, indices 0..K-1, saw every token). All are attention probabilities recomputed in
+# float32 from a decoder layer's own input norm, q/k projections and rotary embedding (1-D RoPE or
+# M-RoPE at the positions that layer used) for the rows needed, whatever backend the LLM runs; a row's
+# softmax runs over every key it may attend to (causal, left padding excluded), then the sample's
+# visual columns (its current visual tokens, in sequence order) are taken: [B, N] right-padded with 0
+# past the sample's count (or [B, H, N] per query head; grouped-query attention reads key head
+# h // (H / H_kv) as transformers' `repeat_kv`).
+#   last-token: the row of the sequence's last prompt token (the token that predicts the answer).
+#   text: the mean over the rows of every real, non-visual token after the sample's first visual
+#     token and before its first labelled (answer) token.
+#   layer K-1 (the last layer that saw every token, FastV's score) unless named "next": layer K's
+#     q/k applied to layer K-1's output (PyramidDrop's score: what the next layer would attend).
+LLM_LAYER_LAST_ATTN = "llm_layer_last_attn"  # [B, N] layer K-1, last-token row, heads averaged
+LLM_LAYER_LAST_ATTN_HEADS = "llm_layer_last_attn_heads"  # [B, H, N] layer K-1, last-token row, per head
+LLM_LAYER_TEXT_ATTN = "llm_layer_text_attn"  # [B, N] layer K-1, text rows averaged, heads averaged
+LLM_LAYER_NEXT_LAST_ATTN = (
+    "llm_layer_next_last_attn"  # [B, N] layer K on K-1's output, last-token row, heads averaged
+)
+LLM_LAYER_SIGNALS = (
+    LLM_LAYER_LAST_ATTN,
+    LLM_LAYER_LAST_ATTN_HEADS,
+    LLM_LAYER_TEXT_ATTN,
+    LLM_LAYER_NEXT_LAST_ATTN,
+)
 
 
 @dataclass
@@ -79,12 +106,55 @@ class Video:
     fps: float | None = None
 
 
+@dataclass
+class LayerTokens:
+    """What a reducer at the reduction point inside the LLM (`space="llm_layer"`) receives.
+
+    Attributes:
+        features: [B, N, D] the hidden states of each sample's current visual tokens after decoder
+            layer `layer` (in sequence order; every image and video of the sample together), right-
+            padded: rows at or past `lengths[b]` are zeros.
+        lengths: [B] long; each sample's current visual token count.
+        original: [B] long; each sample's visual token count at the LLM input (schedules relative to it).
+        signals: the `LLM_LAYER_*` signals the reducer requires ([B, N] or [B, H, N], zero-padded).
+        layer: K, the number of decoder layers that have run on these tokens.
+        stage: the index of `layer` in the reducer's `layers`.
+    """
+
+    features: torch.Tensor  # [B, N, D]
+    lengths: torch.Tensor  # [B]
+    original: torch.Tensor  # [B]
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer: int = 0
+    stage: int = 0
+
+
+@runtime_checkable
+class LayerReducer(Protocol):
+    """A reducer inside the LLM: after each decoder layer in `layers` it returns which visual tokens stay.
+
+    It returns a `Reduced` whose `index[b, :lengths[b]]` are positions among the sample's current
+    visual tokens (0 .. N_b - 1), strictly ascending (the sequence keeps its order), no synthetic
+    tokens (-1); `features` become those tokens' hidden states for the later layers (return the
+    gathered input rows to prune, other values to modify them). Every later layer and the KV cache
+    hold only the kept tokens. `positions`: "gather" keeps each token's original (M-)RoPE position,
+    "renumber" numbers the shortened sequence contiguously from the cut on (1-D RoPE only).
+    """
+
+    space: ClassVar[Space]
+    requires: ClassVar[tuple[str, ...]]
+    layers: tuple[int, ...]
+    positions: Positions
+
+    def __call__(self, tokens: LayerTokens) -> Reduced: ...
+
+
 @runtime_checkable
 class Reducer(Protocol):
     """A visual-token reduction method: pure tensor code, no hooks, no I/O.
 
     `space` says where the adapter applies it: "vision" (on vision-tower features, before the
-    projector) or "llm" (on projected features). `requires` names the signals it reads.
+    projector) or "llm" (on projected features); "llm_layer" reducers are `LayerReducer`s. `requires` names the signals it reads.
     """
 
     space: ClassVar[Space]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import colorsys
 import io
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -18,16 +17,19 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from tokenprune.config import CONFIG_DIR, choices, register_resolvers
+from tokenprune.models.base import Adapter
 from tokenprune.results import atomic_write_bytes
+from tokenprune.types import VisualTokens
 
 register_resolvers()
 HEADER = 22  # title bar height in pixels
 
 
-def kept_and_merged(adapter: Any, image: Image.Image) -> tuple[torch.Tensor, list[torch.Tensor], int, bool]:
+def kept_and_merged(
+    adapter: Adapter, tokens: VisualTokens
+) -> tuple[torch.Tensor, list[torch.Tensor], int, bool]:
     """Kept patch ids [M] in output order, the patches merged into each, N, and whether an extra token exists."""
     with torch.no_grad():
-        tokens = adapter.visual_tokens(adapter.preprocess([image]))
         n = tokens.features.shape[1]
         reducer = adapter.reducer
         reduced = reducer(tokens)
@@ -43,16 +45,6 @@ def kept_and_merged(adapter: Any, image: Image.Image) -> tuple[torch.Tensor, lis
         else:
             merged = []
     return kept, merged, n, bool((index < 0).any())
-
-
-def model_view(adapter: Any, image: Image.Image) -> Image.Image:
-    """The preprocessed image, de-normalised back to RGB."""
-    pixels = adapter.preprocess([image])[0].float().cpu()  # [3, S, S]
-    processor = adapter.processor.image_processor
-    mean = torch.tensor(processor.image_mean)[:, None, None]
-    std = torch.tensor(processor.image_std)[:, None, None]
-    rgb = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(rgb)
 
 
 def draw(view: Image.Image, grid: tuple[int, int], kept, merged, n: int, extra: bool, title: str, scale: int):
@@ -96,10 +88,19 @@ def run(cfg: DictConfig) -> Path:
         image = Image.open(source).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"image={source} is not a readable image ({error})") from error
-    adapter = instantiate(cfg.model, reducer=instantiate(cfg.reducer))
+    adapter: Adapter = instantiate(cfg.model, reducer=instantiate(cfg.reducer))
+    if not adapter.capabilities.supports_visualize:
+        raise ValueError(
+            f"visualize supports one patch grid per image; the {adapter.capabilities.family} adapter "
+            "has none yet (use a llava model)"
+        )
+    if adapter.reducer.space not in ("vision", "llm"):
+        raise ValueError(f"visualize draws vision / llm reducers, not space={adapter.reducer.space!r}")
     reducer_name = choices().get("reducer", type(adapter.reducer).__name__)
-    kept, merged, n, extra = kept_and_merged(adapter, image)
-    picture = draw(model_view(adapter, image), adapter.grid, kept, merged, n, extra, reducer_name, cfg.scale)
+    with torch.no_grad():
+        view, tokens = adapter.visual_view(image)
+    kept, merged, n, extra = kept_and_merged(adapter, tokens)
+    picture = draw(view, tokens.grid, kept, merged, n, extra, reducer_name, cfg.scale)
     output = (
         Path(cfg.output)
         if cfg.output

@@ -83,7 +83,16 @@ VICUNA_V1 = ConversationTemplate(
     assistant=" {text}",
     end="</s>",
 )
-TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1,)}
+# Qwen2-VL / Qwen2.5-VL chat format (ChatML with the default system message), as the adapter's prompt.
+QWEN_CHATML = ConversationTemplate(
+    name="qwen_chatml",
+    system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+    user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+    assistant="{text}",
+    end="<|im_end|>\n",
+    image="<|vision_start|><|image_pad|><|vision_end|>",
+)
+TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1, QWEN_CHATML)}
 
 
 def get_template(name: str) -> ConversationTemplate:

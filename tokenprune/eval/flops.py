@@ -33,6 +33,12 @@ m = LLM MLP width, d_kv = key/value width (heads_kv * head_dim), V = vocabulary,
 * LLM decode, one step with a KV cache of c tokens: ``n_layers * (2 (2 d^2 + 2 d d_kv + g d m)
   + 4 c d) + 2 d V``. A sample with G new tokens makes G - 1 decode steps (the first new token
   comes out of the prefill), at c = S + 1, ..., S + G - 1.
+* A reducer inside the LLM (``space="llm_layer"``, cuts after layers K_1 < K_2 < ...): stage i
+  runs layers K_i .. K_{i+1} - 1 (K_0 = 0, the last stage to the top) over S_i = text + the visual
+  tokens kept after cut i (S_0 = the whole prompt); the prefill sums the per-layer term above with
+  each stage's S_i, and a decode step each stage's own cache length (S_i + t). The signals at a
+  cut recompute one layer's q and k over its S_i rows and one row of scores,
+  ``2 S_i (d^2 + d d_kv) + 2 S_i d`` per cut; the selection itself is index-only (0).
 
 Paper check (tests/test_flops.py): LLaVA-1.5-7B's LLM (Vicuna-7B: 32 layers, d = 4096, m = 11008)
 prefilling 576 visual + 40 text tokens costs 8.18 TFLOPs here, and 0.94 TFLOPs with PruMerge's
@@ -84,9 +90,10 @@ class LlmShape:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Vision tower + projector (C -> d -> d) + LLM: everything the FLOPs formulas need."""
+    """Vision tower + projector (C -> d -> d) + LLM: everything the FLOPs formulas need (vision
+    None: a tower without a formula; its stages are then unknown, the LLM's still counted)."""
 
-    vision: VisionShape
+    vision: VisionShape | None
     llm: LlmShape
 
     def as_dict(self) -> dict[str, Any]:
@@ -129,15 +136,30 @@ def projector_flops(vision_width: int, llm_width: int, tokens: int) -> int:
     return 2 * tokens * (vision_width * llm_width + llm_width**2)
 
 
-def prefill_flops(llm: LlmShape, seq_len: int) -> int:
-    """LLM prefill over ``seq_len`` tokens, with the LM head on the last position."""
-    attention = 4 * seq_len**2 * llm.width
-    return llm.layers * (seq_len * llm.linear_flops_per_token + attention) + 2 * llm.width * llm.vocab
+def prefill_flops(llm: LlmShape, seq_len: int | Sequence[tuple[int, int]]) -> int:
+    """LLM prefill over ``seq_len`` tokens, with the LM head on the last position; or, staged, over
+    (layers, tokens) pairs whose layers sum to the LLM's (a reducer inside the LLM)."""
+    stages = [(llm.layers, seq_len)] if isinstance(seq_len, int) else list(seq_len)
+    per_layer = sum(layers * (s * llm.linear_flops_per_token + 4 * s**2 * llm.width) for layers, s in stages)
+    return per_layer + 2 * llm.width * llm.vocab
 
 
-def decode_step_flops(llm: LlmShape, context: int) -> int:
-    """One decode step attending to a KV cache of ``context`` tokens."""
-    return llm.layers * (llm.linear_flops_per_token + 4 * context * llm.width) + 2 * llm.width * llm.vocab
+def decode_step_flops(llm: LlmShape, context: int | Sequence[tuple[int, int]]) -> int:
+    """One decode step attending to a KV cache of ``context`` tokens (or, staged, (layers, cache) pairs)."""
+    stages = [(llm.layers, context)] if isinstance(context, int) else list(context)
+    per_layer = sum(layers * (llm.linear_flops_per_token + 4 * c * llm.width) for layers, c in stages)
+    return per_layer + 2 * llm.width * llm.vocab
+
+
+def llm_stages(llm: LlmShape, cuts: Sequence[int], tokens: Sequence[int]) -> list[tuple[int, int]]:
+    """(layers, tokens) per stage of an LLM cut after layers ``cuts``, with ``tokens[i]`` rows in stage i."""
+    bounds = [0, *cuts, llm.layers]
+    return [(bounds[i + 1] - bounds[i], tokens[i]) for i in range(len(bounds) - 1)]
+
+
+def layer_signal_flops(llm: LlmShape, tokens: Sequence[int]) -> int:
+    """The signals of the cuts of a reducer inside the LLM, ``tokens[i]`` rows at cut i."""
+    return sum(2 * s * (llm.width**2 + llm.width * llm.kv_width) + 2 * s * llm.width for s in tokens)
 
 
 def sample_flops(
@@ -149,34 +171,69 @@ def sample_flops(
     visual_tokens: int,
     text_tokens: int,
     new_tokens: int,
+    cuts: Sequence[int] = (),
+    layer_tokens: Sequence[int] = (),
 ) -> dict[str, int | None]:
     """Every stage's FLOPs for one sample: ``images`` images keeping ``visual_tokens`` in all,
-    ``text_tokens`` other prompt tokens and ``new_tokens`` generated tokens.
+    ``text_tokens`` other prompt tokens and ``new_tokens`` generated tokens; with a reducer inside
+    the LLM (``space="llm_layer"``), ``visual_tokens`` enter the LLM and ``layer_tokens[i]`` remain
+    after the cut after layer ``cuts[i]``.
 
     Returns keys vit, signals, reducer (None if unknown), projector, prefill, decode (all steps),
     decode_steps, prefill_full (the prefill with every patch kept) and total (None if a stage is
-    unknown).
+    unknown, e.g. the vision tower of a family without a formula).
     """
     v, llm = shape.vision, shape.llm
-    width = v.width if space == "vision" else llm.width
-    per_image = [visual_tokens // images + (1 if i < visual_tokens % images else 0) for i in range(images)]
-    reduce = [reducer_flops(reducer, v.patches, k, width) for k in per_image]
-    projected = visual_tokens if space == "vision" else images * v.patches
+    in_llm = space == "llm_layer"
     seq = visual_tokens + text_tokens
+    stages = llm_stages(llm, cuts, [seq, *(k + text_tokens for k in layer_tokens)]) if in_llm else seq
     steps = max(new_tokens - 1, 0)
     out: dict[str, int | None] = {
-        "vit": images * vit_flops(v),
-        "signals": images * signal_flops(v, requires),
-        "reducer": None if any(r is None for r in reduce) else sum(r for r in reduce if r is not None),
-        "projector": projector_flops(v.width, llm.width, projected),
-        "prefill": prefill_flops(llm, seq),
-        "decode": sum(decode_step_flops(llm, seq + i) for i in range(1, steps + 1)),
+        "prefill": prefill_flops(llm, stages),
+        "decode": sum(decode_step_flops(llm, _grown(stages, i)) for i in range(1, steps + 1)),
         "decode_steps": steps,
-        "prefill_full": prefill_flops(llm, images * v.patches + text_tokens),
     }
+    if v is None:
+        out.update(vit=None, signals=None, reducer=None, projector=None)
+        out["prefill_full"] = prefill_flops(llm, seq) if in_llm else None
+    else:
+        width = v.width if space == "vision" else llm.width
+        kept = images * v.patches if in_llm else visual_tokens
+        per_image = [kept // images + (1 if i < kept % images else 0) for i in range(images)]
+        reduce = [0 if in_llm else reducer_flops(reducer, v.patches, k, width) for k in per_image]
+        out.update(
+            vit=images * vit_flops(v),
+            signals=images * signal_flops(v, () if in_llm else requires),
+            reducer=None if any(r is None for r in reduce) else sum(r for r in reduce if r is not None),
+            projector=projector_flops(v.width, llm.width, kept if space == "vision" else images * v.patches),
+            prefill_full=prefill_flops(llm, images * v.patches + text_tokens),
+        )
+    if in_llm and out["signals"] is not None:
+        out["signals"] += layer_signal_flops(llm, [s for _, s in stages[:-1]])
     parts = [out[k] for k in ("vit", "signals", "reducer", "projector", "prefill", "decode")]
     out["total"] = None if any(p is None for p in parts) else sum(p for p in parts if p is not None)
     return out
+
+
+def _grown(stages: int | list[tuple[int, int]], step: int) -> int | list[tuple[int, int]]:
+    """A prefill's token counts after ``step`` decoded tokens (the decode step's cache lengths)."""
+    if isinstance(stages, int):
+        return stages + step
+    return [(layers, s + step) for layers, s in stages]
+
+
+def llm_shape(text_config: Any) -> LlmShape:
+    """The LLM shape of a transformers text config (Llama, Qwen2, Qwen2-VL's text model)."""
+    tc = text_config
+    return LlmShape(
+        layers=tc.num_hidden_layers,
+        width=tc.hidden_size,
+        mlp_width=tc.intermediate_size,
+        heads=tc.num_attention_heads,
+        kv_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
+        vocab=tc.vocab_size,
+        gated=getattr(tc, "hidden_act", "silu") in ("silu", "swiglu"),
+    )
 
 
 def shape_from_llava_config(config: Any, vision_depth: int | None = None) -> ModelShape:
@@ -197,16 +254,7 @@ def shape_from_llava_config(config: Any, vision_depth: int | None = None) -> Mod
         patch_size=vc.patch_size,
         channels=getattr(vc, "num_channels", 3),
     )
-    llm = LlmShape(
-        layers=tc.num_hidden_layers,
-        width=tc.hidden_size,
-        mlp_width=tc.intermediate_size,
-        heads=tc.num_attention_heads,
-        kv_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
-        vocab=tc.vocab_size,
-        gated=getattr(tc, "hidden_act", "silu") in ("silu", "swiglu"),
-    )
-    return ModelShape(vision=vision, llm=llm)
+    return ModelShape(vision=vision, llm=llm_shape(tc))
 
 
 # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 run to layer 23 of 24 + Vicuna-7B.

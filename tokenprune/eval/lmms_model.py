@@ -10,14 +10,15 @@ gets a record with its visual, text and generated token counts and its batch's s
 (`tokenprune.models.timing`; one untimed warm-up generation runs first). With a `SampleStore`,
 records are appended to a JSONL after each batch and answers recorded by an earlier run of the
 same config are reused (resume). A video (a file path from the task's doc_to_visual) is decoded
-and `video_frames` frames sampled uniformly become that many images (`tokenprune.eval.video`).
+into `video_frames` uniformly sampled frames (`tokenprune.eval.video`); an adapter that supports
+video (`capabilities.supports_video`: Qwen2-VL temporal M-RoPE, OneVision frame pooling) gets them
+as one `types.Video` through its own video path, an image-only adapter (LLaVA-1.5) as that many images.
 Under torchrun (WORLD_SIZE > 1) the process group is initialised (gloo on CPU, NCCL on GPU) and
 `_rank` / `_world_size` are set; lmms-eval shards the documents over the ranks.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 import re
@@ -30,6 +31,9 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
+from tokenprune.models.base import Adapter
+from tokenprune.types import Video
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # generation kwargs lmms-eval tasks set that map onto HF generate()
 _GENERATE_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "num_beams")
@@ -40,7 +44,7 @@ class TokenPruneLMM(lmms):
 
     def __init__(
         self,
-        adapter: Any = None,
+        adapter: Adapter | None = None,
         batch_size: int | str = 1,
         device: str | None = None,
         max_batch_size: int | None = None,
@@ -66,8 +70,7 @@ class TokenPruneLMM(lmms):
         self.video_frames = int(video_frames)
         self.store = store  # tokenprune.eval.records.SampleStore or None
         self.done = store.load() if store is not None else {}
-        # stage timings need an adapter whose generate() fills a `timing` dict (LlavaAdapter does)
-        self.timing = timing and "timing" in inspect.signature(adapter.generate).parameters
+        self.timing = timing  # every adapter's generate() fills a `timing` dict (the Adapter protocol)
         self.warmup = int(warmup)
         self.records: list[dict[str, Any]] = []  # one per answered request, in completion order
         self._run = uuid.uuid4().hex[:8]
@@ -109,26 +112,32 @@ class TokenPruneLMM(lmms):
         samples, records = [], []
         for position, request in batch:
             context, _gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            images, failure = self._load_visuals(doc_to_visual, task, split, doc_id)
+            images, videos, failure = self._load_visuals(doc_to_visual, task, split, doc_id)
             if failure is not None:
                 records.append({"task": task, "doc_id": doc_id, "failed": failure, "visual_tokens": 0})
                 continue
-            samples.append((position, context, images, task, doc_id))
+            samples.append((position, context, images, videos, task, doc_id))
         if not samples:
             return records
         gen_kwargs = dict(batch[0][1].args[1])
         kwargs = _generate_kwargs(gen_kwargs)
         aspect = gen_kwargs.get("image_aspect")
-        previous = getattr(self.adapter, "image_aspect", None)
+        if aspect not in self.adapter.capabilities.image_aspects:
+            aspect = None  # a family without aspect options uses its processor's own
+        previous = self.adapter.image_aspect
         if aspect is not None:
             self.adapter.image_aspect = aspect
+        media = {"videos": [s[3] for s in samples]} if self.adapter.capabilities.supports_video else {}
         try:
             if self.timing and self.warmup > 0:
                 self.warmup -= 1  # untimed: first-call costs (allocations, kernels) stay out of the meter
-                self.adapter.generate([samples[0][1]], [samples[0][2]], **{**kwargs, "max_new_tokens": 2})
+                first = {k: v[:1] for k, v in media.items()}
+                self.adapter.generate(
+                    [samples[0][1]], [samples[0][2]], **first, **{**kwargs, "max_new_tokens": 2}
+                )
             timing: dict | None = {} if self.timing else None
             texts, kept = self.adapter.generate(
-                [s[1] for s in samples], [s[2] for s in samples], timing=timing, **kwargs
+                [s[1] for s in samples], [s[2] for s in samples], **media, timing=timing, **kwargs
             )
         finally:
             if aspect is not None:
@@ -140,7 +149,9 @@ class TokenPruneLMM(lmms):
                 for k in ("encode_ms", "prefill_ms", "decode_ms", "decode_steps", "total_ms", "timer")
             }
             batch_info.update(id=f"{self._run}-{self.rank}-{next(self._batches)}", size=len(samples))
-        for i, ((position, _c, images, task, doc_id), text, tokens) in enumerate(zip(samples, texts, kept)):
+        for i, ((position, _c, images, videos, task, doc_id), text, tokens) in enumerate(
+            zip(samples, texts, kept)
+        ):
             answers[position] = _truncate(text, gen_kwargs.get("until"))
             record = {
                 "task": task,
@@ -148,38 +159,47 @@ class TokenPruneLMM(lmms):
                 "answer": answers[position],
                 "visual_tokens": tokens,
                 "images": len(images),
+                "videos": len(videos),
             }
             if timing is not None:
                 record.update(
                     text_tokens=timing["text_tokens"][i], new_tokens=timing["new_tokens"][i], batch=batch_info
                 )
+                if "layer_tokens" in timing:  # a reducer inside the LLM: visual tokens after each cut
+                    record["layer_tokens"] = timing["layer_tokens"][i]
             records.append(record)
         return records
 
     def _load_visuals(
         self, doc_to_visual: Callable, task: str, split: str, doc_id: int
-    ) -> tuple[list, str | None]:
-        """The request's images (a video: `video_frames` sampled frames), fully decoded; or the
-        reason they could not be read."""
+    ) -> tuple[list[Image.Image], list[Video], str | None]:
+        """The request's images and videos (`video_frames` sampled frames each: one `Video` for a
+        video-capable adapter, else that many images), fully decoded; or why they could not be read."""
         try:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-            images = []
+            images: list[Image.Image] = []
+            videos: list[Video] = []
             for visual in visuals:
                 if isinstance(visual, str | os.PathLike):
                     from tokenprune.eval.video import sample_frames
 
-                    images.extend(sample_frames(visual, self.video_frames))
+                    frames = sample_frames(visual, self.video_frames)
+                    if self.adapter.capabilities.supports_video:
+                        videos.append(Video(frames))
+                    else:
+                        images.extend(frames)
                     continue
                 if not isinstance(visual, Image.Image):
                     return (
+                        [],
                         [],
                         f"unsupported visual of type {type(visual).__name__} (this adapter takes images and videos)",
                     )
                 visual.load()
                 images.append(visual.convert("RGB"))
-            return images, None
+            return images, videos, None
         except Exception as error:  # a corrupt or missing image or video fails this sample only
-            return [], f"{type(error).__name__}: {error}"
+            return [], [], f"{type(error).__name__}: {error}"
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         raise NotImplementedError(
@@ -203,7 +223,7 @@ def setup_distributed(lm: lmms) -> None:
     lm._rank, lm._world_size = dist.get_rank(), dist.get_world_size()
 
 
-def _adapter_from_overrides(overrides: dict[str, Any], device: str | None) -> Any:
+def _adapter_from_overrides(overrides: dict[str, Any], device: str | None) -> Adapter:
     from hydra.utils import instantiate
 
     from tokenprune.config import compose

@@ -3,7 +3,9 @@
 Token counts are per sample (all images or video frames of a request together):
 
 * ``eff/visual_tokens_{mean,min,max}``, ``eff/visual_tokens_hist`` ({"edges", "counts"}),
-  ``eff/visual_tokens_per_image_mean``, ``eff/text_tokens_mean``, ``eff/new_tokens_mean``.
+  ``eff/visual_tokens_per_image_mean``, ``eff/text_tokens_mean``, ``eff/new_tokens_mean``;
+  with a reducer inside the LLM, ``eff/layer_tokens_mean``: per cut, the mean visual tokens left
+  after it (``eff/visual_tokens_*`` count the LLM input).
 
 Analytic FLOPs (`tokenprune.eval.flops`, formulas in its docstring), per-sample means from the
 actual counts: ``eff/flops_{vit,signals,reducer,projector,prefill,decode,total}_mean``,
@@ -31,24 +33,23 @@ import math
 import resource
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from tokenprune.eval import flops
+from tokenprune.models.base import Adapter
 
 
-def model_shape(adapter: Any) -> flops.ModelShape | None:
-    """The FLOPs shape of an adapter's model (None for a model family without a formula)."""
-    if getattr(adapter, "family", None) != "llava":
-        return None
-    config = adapter.model.config
-    n_layers = config.vision_config.num_hidden_layers
-    layer = config.vision_feature_layer
-    depth = layer if layer >= 0 else n_layers + 1 + layer
-    if getattr(adapter.reducer, "requires", ()):
-        depth = max(depth, n_layers - 1)  # the adapter runs to the signal layer's input
-    return flops.shape_from_llava_config(config, vision_depth=depth)
+def model_shape(adapter: Adapter) -> flops.ModelShape:
+    """The FLOPs shape of an adapter's model: its LLM always, its vision tower where the family has
+    a formula (`Adapter.vision_flops`; None otherwise)."""
+    vision = adapter.vision_flops()
+    return flops.ModelShape(
+        vision=None if vision is None else flops.VisionShape(**asdict(vision)),
+        llm=flops.llm_shape(adapter.model.config.text_config),
+    )
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -84,7 +85,7 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(records: Sequence[dict[str, Any]], adapter: Any = None) -> dict[str, Any]:
+def summarize(records: Sequence[dict[str, Any]], adapter: Adapter | None = None) -> dict[str, Any]:
     """The `eff/*` block from per-sample records (see the module docstring)."""
     answered = [r for r in records if "failed" not in r]
     kept = [int(r["visual_tokens"]) for r in answered]
@@ -102,31 +103,41 @@ def summarize(records: Sequence[dict[str, Any]], adapter: Any = None) -> dict[st
         "eff/text_tokens_mean": _mean([r["text_tokens"] for r in answered if "text_tokens" in r]),
         "eff/new_tokens_mean": _mean([r["new_tokens"] for r in answered if "new_tokens" in r]),
     }
+    staged = [r["layer_tokens"] for r in answered if r.get("layer_tokens")]
+    if staged:
+        eff["eff/layer_tokens_mean"] = [_mean(list(stage)) for stage in zip(*staged)]
     eff.update(_flops(answered, adapter))
     eff.update(_timings(answered))
     return eff
 
 
-def _flops(answered: Sequence[dict[str, Any]], adapter: Any) -> dict[str, Any]:
+def _flops(answered: Sequence[dict[str, Any]], adapter: Adapter | None) -> dict[str, Any]:
     stages = ("vit", "signals", "reducer", "projector", "prefill", "decode", "total", "prefill_full")
     out: dict[str, Any] = {f"eff/flops_{s}_mean": None for s in stages}
     out["eff/flops_decode_per_token_mean"] = None
     out["eff/prefill_flops_ratio"] = None
     shape = model_shape(adapter) if adapter is not None else None
-    rows = [r for r in answered if r.get("images") and "text_tokens" in r and "new_tokens" in r]
+    rows = [
+        r
+        for r in answered
+        if (r.get("images") or r.get("videos")) and "text_tokens" in r and "new_tokens" in r
+    ]
     if shape is None or not rows:
         return out
     reducer = adapter.reducer
+    in_llm = reducer.space == "llm_layer"
     per_sample = [
         flops.sample_flops(
             shape,
             reducer,
-            requires=getattr(reducer, "requires", ()),
-            space=getattr(reducer, "space", "vision"),
-            images=int(r["images"]),
+            requires=reducer.requires,
+            space=reducer.space,
+            images=max(int(r.get("images", 0)), 1),
             visual_tokens=int(r["visual_tokens"]),
             text_tokens=int(r["text_tokens"]),
             new_tokens=int(r["new_tokens"]),
+            cuts=reducer.layers if in_llm else (),
+            layer_tokens=r.get("layer_tokens", ()) if in_llm else (),
         )
         for r in rows
     ]
@@ -135,9 +146,9 @@ def _flops(answered: Sequence[dict[str, Any]], adapter: Any) -> dict[str, Any]:
         out[f"eff/flops_{stage}_mean"] = None if any(v is None for v in values) else _mean(values)
     steps = sum(f["decode_steps"] for f in per_sample)
     out["eff/flops_decode_per_token_mean"] = sum(f["decode"] for f in per_sample) / steps if steps else None
-    out["eff/prefill_flops_ratio"] = sum(f["prefill"] for f in per_sample) / sum(
-        f["prefill_full"] for f in per_sample
-    )
+    full = [f["prefill_full"] for f in per_sample]
+    if all(f is not None for f in full):
+        out["eff/prefill_flops_ratio"] = sum(f["prefill"] for f in per_sample) / sum(full)
     out["eff/model_shape"] = shape.as_dict()
     return out
 

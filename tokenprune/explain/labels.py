@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from tokenprune.explain.shards import SUMMARY_FILE, LabelRecord, ShardWriter, summarize
+from tokenprune.models.base import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,15 @@ def is_correct(answer: str, reference: str, match: str = "exact") -> bool:
 
 
 def label_sample(
-    adapter: Any, sample: LabelSample, settings: LabelSettings
+    adapter: Adapter, sample: LabelSample, settings: LabelSettings
 ) -> tuple[list[LabelRecord], str | None, dict]:
     """Records of one sample, or the reason it is skipped; plus what was answered (for the log)."""
     media = {}
     if sample.videos:
-        if not getattr(adapter, "supports_video", False):
-            raise ValueError(f"sample {sample.id} has videos, which {type(adapter).__name__} does not take")
+        if not adapter.capabilities.supports_video:
+            raise ValueError(
+                f"sample {sample.id} has videos, which the {adapter.capabilities.family} adapter does not take"
+            )
         media["videos"] = [sample.videos]
     with torch.no_grad():
         inputs = adapter.prepare([sample.question], [sample.images], **media)
@@ -205,19 +208,15 @@ def label_sample(
     info = {"answer": answer, "reference": sample.reference}
     if settings.only_correct and not is_correct(answer, sample.reference, settings.match):
         return [], WRONG_ANSWER, info
-    ids = generated if settings.explain == "generated" else adapter._answer_ids(sample.reference)
+    ids = generated if settings.explain == "generated" else adapter.answer_ids(sample.reference)
     eos = adapter.tokenizer.eos_token_id
     explained = ids if settings.include_eos else [t for t in ids if t != eos]
     if not explained:
         return [], EMPTY_ANSWER, info
     with torch.no_grad():
-        text_attn = adapter.text_attention(inputs)  # per image / video: [I, N] or a list of [N_i]
+        text_attn = adapter.text_attention(inputs)  # per image / video: [N_i]
     relevance = adapter.answer_relevance(inputs, [explained], target=settings.target)  # the same
-    blocks = getattr(inputs, "blocks", None)  # Qwen2-VL, LLaVA-OneVision: where each image / video is
-    if blocks:
-        grids, modalities = [b.grid for b in blocks], [b.modality for b in blocks]
-    else:  # LLaVA: images of one grid
-        grids, modalities = [(1, *adapter.grid)] * len(text_attn), ["image"] * len(text_attn)
+    grids, modalities = [b.grid for b in inputs.blocks], [b.modality for b in inputs.blocks]
     many = len(text_attn) > 1
     text = adapter.tokenizer.decode(explained, skip_special_tokens=True).strip()
     records = [
@@ -236,7 +235,7 @@ def label_sample(
 
 
 def label(
-    adapter: Any, data: Any, settings: LabelSettings, meta: dict[str, str] | None = None
+    adapter: Adapter, data: Any, settings: LabelSettings, meta: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Label every not-yet-done sample of `data` into `settings.output_dir`; returns the folder's summary."""
     from tqdm.auto import tqdm

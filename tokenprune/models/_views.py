@@ -1,4 +1,8 @@
-"""Helpers shared by the adapters whose images come in several grids (Qwen2-VL, LLaVA-OneVision).
+"""The LLM-input core every adapter shares (the splice, positions, LLM-input signals), and views.
+
+`assemble` is the one splice: left padding, attention mask, positions, labels and the `Block` of
+every image / video; `gathered_positions` takes a reduced splice's positions from the unreduced
+one; `LlmInput` computes the LLM-input signals and the model's input embeddings.
 
 A *view* is one patch grid the reducer sees as one sample: a Qwen frame group, a LLaVA-OneVision
 base crop, high-resolution canvas or video frame. Views with the same grid are reduced together
@@ -132,6 +136,16 @@ class SplicedInputs:
             kwargs["labels"] = self.labels
         return kwargs
 
+    def generate_kwargs(self) -> dict:
+        """The inputs as `generate` takes them: position ids only when gathered from the unreduced
+        sequence or M-RoPE ([4, B, L]; generate continues each row by +1 per step); otherwise
+        generate derives them from the attention mask. No labels."""
+        kwargs = self.as_kwargs()
+        kwargs.pop("labels", None)
+        if not self.gathered_positions and self.position_ids.dim() == 2:
+            kwargs.pop("position_ids")
+        return kwargs
+
 
 def reduce_views(reducer: Reducer, views: Sequence[View]) -> list[ReducedView]:
     """Run `reducer` over `views`, one batched call per distinct grid; results in the views' order.
@@ -201,6 +215,37 @@ def left_pad(rows: Sequence[Sequence[int]], fill: int, device: torch.device) -> 
     return torch.tensor([[fill] * (width - len(r)) + list(r) for r in rows], device=device)
 
 
+def assemble(
+    rows: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]] | None,
+    placed: Sequence[tuple],
+    outputs: dict[str, BaseModelOutputWithPooling],
+    pad: int,
+    device: torch.device,
+) -> SplicedInputs:
+    """The one splice core every adapter ends with: left padding, mask, 1-D positions, labels, blocks.
+
+    Args:
+        rows: per sample, its token ids with every visual token's placeholder in place.
+        targets: per sample, its labels (-100: not trained), aligned with `rows`; None: no labels.
+        placed: per image / video in sample and prompt order, the `Block` fields with `first`
+            counted in the unpadded row: (sample, first, count, modality, item, grid[, columns]).
+        outputs: the visual tokens per modality (`mm_encoder_outputs`).
+        pad: the pad token id.
+
+    Returns:
+        the spliced inputs with position ids = the mask's cumsum (an M-RoPE adapter replaces them).
+    """
+    input_ids = left_pad(rows, pad, device)  # [B, L]
+    attention_mask = left_pad([[1] * len(r) for r in rows], 0, device)  # [B, L]
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [B, L]
+    labels = None if targets is None else left_pad(targets, -100, device)  # [B, L]
+    width = input_ids.shape[1]
+    blocks = [Block(b, width - len(rows[b]) + at, *rest) for b, at, *rest in placed]
+    visual = [sum(k.count for k in blocks if k.sample == b) for b in range(len(rows))]
+    return SplicedInputs(input_ids, attention_mask, position_ids, outputs, visual, labels, blocks)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reduction at the LLM input
 
@@ -236,7 +281,7 @@ def _columns(values: torch.Tensor, block: Block) -> torch.Tensor:
 
 
 class LlmInput:
-    """The LLM-input signals of an adapter whose splice records its blocks (Qwen2-VL, LLaVA-OneVision).
+    """The LLM-input signals of a splice that records its blocks (every adapter), and its embeddings.
 
     Per block of an *unreduced* splice, restricted to the block's `columns`:
 

@@ -9,31 +9,24 @@ A reducer that reads a signal of the LLM input (`llm_text_attn`, `relevance`: `t
 runs at the LLM input instead: the unreduced sequence is spliced first, the signal is computed on it
 (layer 0's q/k under any attention backend; the relevance by GAE, `tokenprune.explain.gae`), the
 reducer runs on the projected tokens and the kept ones are spliced again (`_prepare_at_llm_input`).
+A reducer inside the LLM (`space="llm_layer"`) gets every visual token spliced; `AdapterCore` runs it.
+The splice, the LLM-input signals and generation are the shared core (`_views`, `base.AdapterCore`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
-from tokenprune.models.signals import clip_cls_attention, decoder_query_key, text_to_visual_attention
-from tokenprune.models.timing import generate_answers, generated_lengths
-from tokenprune.reducers.baselines import NoReduction
-from tokenprune.types import (
-    LLM_SIGNALS,
-    LLM_TEXT_ATTN,
-    RELEVANCE,
-    VIT_CLS_ATTN,
-    VIT_KEYS,
-    Reduced,
-    Reducer,
-    VisualTokens,
-)
+from tokenprune.models._views import SplicedInputs, assemble, gathered_positions, reduce_items
+from tokenprune.models.base import AdapterCore, Capabilities, VisionFlops, load_pretrained
+from tokenprune.models.signals import clip_cls_attention
+from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video, VisualTokens
 
 # LLaVA-1.5's vicuna_v1 conversation format, as its training and eval scripts render it.
 LLAVA15_SYSTEM = (
@@ -53,34 +46,17 @@ class EncodedImages:
     grid: tuple[int, int]
 
 
-@dataclass
-class ModelInputs:
-    """What the LLM receives after the splice (left-padded batch)."""
-
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    position_ids: torch.Tensor  # [B, L]
-    mm_encoder_outputs: dict[str, BaseModelOutputWithPooling]
-    visual_tokens: list[int]  # per sample: visual tokens given to the LLM
-    labels: torch.Tensor | None = None  # [B, L] answer token ids, -100 elsewhere
-    gathered_positions: bool = False  # position_ids are not the mask's cumsum (kept from the unreduced input)
-
-    def as_kwargs(self) -> dict:
-        kwargs = {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "position_ids": self.position_ids,
-            "mm_encoder_outputs": self.mm_encoder_outputs,
-        }
-        if self.labels is not None:
-            kwargs["labels"] = self.labels
-        return kwargs
-
-
-class LlavaAdapter:
+class LlavaAdapter(AdapterCore):
     """LLaVA (CLIP + projector + LLM) with a visual-token reducer in the loop."""
 
-    family = "llava"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        family="llava",
+        supports_video=False,
+        supports_training=True,
+        supports_visualize=True,
+        image_aspects=IMAGE_ASPECTS,
+    )
+    answer_prefix: ClassVar[str] = " "
 
     def __init__(
         self,
@@ -100,20 +76,14 @@ class LlavaAdapter:
                 "LlavaAdapter supports vision_feature_select_strategy='default' with one vision_feature_layer "
                 f"(LLaVA-1.5); got {config.vision_feature_select_strategy!r}, {config.vision_feature_layer!r}"
             )
-        self.model = model
+        super().__init__(model, processor.tokenizer, reducer, {"image": config.image_token_id})
         self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.reducer = reducer if reducer is not None else NoReduction()
         self.prompt = prompt
         self.image_aspect = image_aspect
         self.image_token_id = config.image_token_id
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
         self.grid = (side, side)
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError(
-                "the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json"
-            )
 
     @classmethod
     def from_pretrained(
@@ -143,22 +113,54 @@ class LlavaAdapter:
         """
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        source = resolve_checkpoint(path, build)
-        try:
-            processor = AutoProcessor.from_pretrained(source)
-            model = LlavaForConditionalGeneration.from_pretrained(
-                source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
-            )
-        except OSError as error:
-            raise hub_error(path, error) from error
-        model.to(resolve_device(device)).eval()
+        model, (processor,) = load_pretrained(
+            path,
+            build,
+            LlavaForConditionalGeneration,
+            dtype,
+            attn_implementation,
+            device,
+            lambda source: (AutoProcessor.from_pretrained(source),),
+        )
         return cls(model, processor, reducer=reducer, prompt=prompt, image_aspect=image_aspect)
 
-    # ------------------------------------------------------------------ vision side
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
+    def projector(self) -> torch.nn.Module:
+        """The trainable bridge between the vision tower and the LLM (the 2-layer MLP)."""
+        return self.model.model.multi_modal_projector
 
+    def image_token_budget(self) -> int:
+        """Visual tokens per image before reduction (the patch grid)."""
+        return self.grid[0] * self.grid[1]
+
+    def vision_flops(self) -> VisionFlops:
+        """The CLIP tower as far as the adapter runs it (to the signal layer's input when a reducer
+        reads the vision signals)."""
+        config = self.model.config
+        vision = config.vision_config
+        layer = config.vision_feature_layer
+        depth = layer if layer >= 0 else vision.num_hidden_layers + 1 + layer
+        if any(name in self.input_reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS)):
+            depth = max(depth, vision.num_hidden_layers - 1)
+        return VisionFlops(
+            depth=depth,
+            width=vision.hidden_size,
+            mlp_width=vision.intermediate_size,
+            patches=self.grid[0] * self.grid[1],
+            patch_size=vision.patch_size,
+            channels=vision.num_channels,
+        )
+
+    def visual_view(self, image: Image.Image) -> tuple[Image.Image, VisualTokens]:
+        """The image as the model sees it (de-normalised RGB) and its unreduced visual tokens."""
+        pixel_values = self.preprocess([image])
+        processor = self.processor.image_processor
+        mean = torch.tensor(processor.image_mean)[:, None, None]
+        std = torch.tensor(processor.image_std)[:, None, None]
+        pixels = pixel_values[0].float().cpu()  # [3, S, S]
+        rgb = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(rgb), self.visual_tokens(pixel_values)
+
+    # ------------------------------------------------------------------ vision side
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel_values [I, 3, S, S] on the model's device and dtype."""
         images = [image.convert("RGB") for image in images]
@@ -174,7 +176,7 @@ class LlavaAdapter:
         n_layers = len(layers)
         feature_layer = self.model.config.vision_feature_layer
         feature_depth = feature_layer if feature_layer >= 0 else n_layers + 1 + feature_layer
-        wants_signals = any(name in self.reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS))
+        wants_signals = any(name in self.input_reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS))
         depth = max(feature_depth, n_layers - 1) if wants_signals else feature_depth
         hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # [I, N+1, C]
         states = [hidden]
@@ -184,25 +186,26 @@ class LlavaAdapter:
         signals = {}
         if wants_signals:
             signals[VIT_CLS_ATTN], signals[VIT_KEYS] = clip_cls_attention(layers[-1], states[n_layers - 1])
-        missing = set(self.reducer.requires) - set(signals) - {VIT_CLS_ATTN, VIT_KEYS, *LLM_SIGNALS}
+        missing = set(self.reducer.requires) - set(self.capabilities.signals)
         if missing:
             raise ValueError(
                 f"{type(self.reducer).__name__} requires signals {sorted(missing)} that the LLaVA adapter "
-                f"does not compute; available: {[VIT_CLS_ATTN, VIT_KEYS]}"
+                f"does not compute; available: {list(self.capabilities.signals)}"
             )
         features = states[feature_depth][:, 1:]  # [I, N, C] drop CLS ("default" strategy)
         return VisualTokens(features=features, grid=self.grid, signals=signals)
 
     def encode_images(self, pixel_values: torch.Tensor) -> EncodedImages:
         """pixel_values [I, 3, S, S] -> per-image reduced LLM-space tokens."""
-        projector = self.model.model.multi_modal_projector
+        projector = self.projector()
+        reducer = self.input_reducer
         tokens = self.visual_tokens(pixel_values)
-        if self.reducer.space == "vision":
-            reduced = self.reducer(tokens)
+        if reducer.space == "vision":
+            reduced = reducer(tokens)
             projected = projector(reduced.features)  # [I, M, D_llm]
         else:
             projected_tokens = VisualTokens(projector(tokens.features), tokens.grid, tokens.signals)
-            reduced = self.reducer(projected_tokens)
+            reduced = reducer(projected_tokens)
             projected = reduced.features
         lengths = reduced.lengths.tolist()
         return EncodedImages(
@@ -221,7 +224,7 @@ class LlavaAdapter:
         counts: Sequence[Sequence[int]],
         features: list[torch.Tensor],
         answers: Sequence[str] | None = None,
-    ) -> ModelInputs:
+    ) -> SplicedInputs:
         """Tokenize prompts and give image j of sample b exactly counts[b][j] placeholders.
 
         Args:
@@ -233,7 +236,8 @@ class LlavaAdapter:
             answers: per sample, the assistant's reply for teacher forcing; it is appended
                 (" " + answer + eos) and is labelled (with a string prompt, the only labelled part).
         """
-        rows, targets = [], []
+        rows, targets, placed = [], [], []
+        item = 0
         for b, (prompt, sample_counts) in enumerate(zip(prompts, counts)):
             segments = [(prompt, False)] if isinstance(prompt, str) else prompt
             ids: list[int] = []
@@ -253,50 +257,33 @@ class LlavaAdapter:
             for token, label in zip(ids, labels):
                 if token == self.image_token_id:  # placeholders are never labels
                     n = next(remaining)
+                    placed.append((b, len(expanded), n, "image", item, (1, *self.grid)))
+                    item += 1
                     expanded += [token] * n
                     expanded_labels += [-100] * n
                 else:
                     expanded.append(token)
                     expanded_labels.append(label)
-            answer = [] if answers is None else self._answer_ids(answers[b])
+            answer = [] if answers is None else self.answer_ids(answers[b])
             rows.append(expanded + answer)
             targets.append(expanded_labels + answer)
         labelled = answers is not None or any(not isinstance(p, str) for p in prompts)
-        return self._pad(rows, [sum(c) for c in counts], features, targets if labelled else None)
-
-    def _answer_ids(self, answer: str) -> list[int]:
-        return [
-            *self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"],
-            self.tokenizer.eos_token_id,
-        ]
-
-    def _pad(
-        self,
-        rows: list[list[int]],
-        visual: list[int],
-        features: list[torch.Tensor],
-        targets: list[list[int]] | None,
-    ) -> ModelInputs:
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-
-        def left_pad(values: list[list[int]], fill: int) -> torch.Tensor:
-            return torch.tensor([[fill] * (width - len(v)) + v for v in values], device=self.device)
-
-        input_ids = left_pad(rows, pad)  # [B, L]
-        attention_mask = left_pad([[1] * len(r) for r in rows], 0)  # [B, L]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-        labels = None if targets is None else left_pad(targets, -100)  # [B, L]
         outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)} if features else {}
-        return ModelInputs(input_ids, attention_mask, position_ids, outputs, visual, labels)
+        return assemble(
+            rows, targets if labelled else None, placed, outputs, self.tokenizer.pad_token_id, self.device
+        )
 
     def prepare(
         self,
         questions: Sequence[str],
         images: Sequence[Sequence[Image.Image]],
+        *,
+        videos: Sequence[Sequence[Video]] | None = None,
         answers: Sequence[str] | None = None,
-    ) -> ModelInputs:
+    ) -> SplicedInputs:
         """Questions and their images (and answers, for training) -> the reduced, spliced LLM inputs."""
+        if videos is not None and any(videos):
+            raise ValueError("the llava adapter takes no videos (images only; give frames as images)")
         prompts = [self.format_prompt(q, len(sample)) for q, sample in zip(questions, images)]
         if self.reduces_at_llm_input:
             return self._prepare_at_llm_input(prompts, images, answers)
@@ -312,38 +299,11 @@ class LlavaAdapter:
         kept = iter([f.shape[0] for f in encoded.features])
         return [[next(kept) for _ in sample] for sample in images], encoded.features
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        questions: Sequence[str],
-        images: Sequence[Sequence[Image.Image]],
-        max_new_tokens: int = 16,
-        timing: dict | None = None,
-        **generate_kwargs,
-    ) -> tuple[list[str], list[int]]:
-        """Batched generation; returns the decoded answers and each sample's visual token count.
-
-        Args:
-            timing: if a dict is given, it is filled with the batch's stage times
-                (`tokenprune.models.timing.StageClock.summary`: encode_ms, prefill_ms, decode_ms,
-                decode_steps, total_ms, timer) and per-sample `text_tokens` (prompt tokens other
-                than visual ones) and `new_tokens` (generated, up to and including EOS).
-        """
-        return generate_answers(
-            self.model,
-            self.tokenizer,
-            lambda: self.prepare(questions, images),
-            _generate_inputs,
-            max_new_tokens,
-            timing,
-            generate_kwargs,
-        )
-
     def prepare_conversations(
         self,
         conversations: Sequence[Sequence[tuple[str, bool]]],
         images: Sequence[Sequence[Image.Image]],
-    ) -> ModelInputs:
+    ) -> SplicedInputs:
         """Multi-turn training inputs: rendered conversations and their images -> LLM inputs with labels.
 
         Args:
@@ -356,24 +316,18 @@ class LlavaAdapter:
         through the reduced tokens.
         """
         if self.reduces_at_llm_input:
-            if RELEVANCE in self.reducer.requires:
-                raise ValueError("a reducer that reads `relevance` (explain_oracle) is for evaluation only")
+            self.check_oracle()
             return self._prepare_at_llm_input(conversations, images)
         counts, features = self._encode_samples(images)
         return self.splice(conversations, counts, features)
 
     # ------------------------------------------------------------------ reduction at the LLM input
-    @property
-    def reduces_at_llm_input(self) -> bool:
-        """Whether the reducer reads a signal of the spliced LLM input (it then runs there)."""
-        return any(name in LLM_SIGNALS for name in self.reducer.requires)
-
     def _prepare_at_llm_input(
         self,
         prompts: Sequence[str | Sequence[tuple[str, bool]]],
         images: Sequence[Sequence[Image.Image]],
         answers: Sequence[str] | None = None,
-    ) -> ModelInputs:
+    ) -> SplicedInputs:
         """Splice every visual token, compute the LLM-input signals, reduce, splice the kept tokens.
 
         Positions follow the reducer's `positions`: "gather" keeps the unreduced positions of the text
@@ -384,191 +338,27 @@ class LlavaAdapter:
         if not flat:
             return self.splice(prompts, [[] for _ in images], [], answers)
         tokens = self.visual_tokens(self.preprocess(flat))
-        projected = self.model.model.multi_modal_projector(tokens.features)  # [I, N, D_llm]
+        projected = self.projector()(tokens.features)  # [I, N, D_llm]
         n = projected.shape[1]
-        full = self.splice(prompts, [[n] * len(sample) for sample in images], list(projected), answers)
-        signals = dict(tokens.signals)
-        if LLM_TEXT_ATTN in self.reducer.requires:
-            signals[LLM_TEXT_ATTN] = self.text_attention(full)
-        if RELEVANCE in self.reducer.requires:
-            signals[RELEVANCE] = self._oracle_relevance(prompts, images, projected, answers)
-        reduced = self.reducer(VisualTokens(projected, tokens.grid, signals))
-        lengths = reduced.lengths.tolist()
-        kept = iter(lengths)
+        full_counts = [[n] * len(sample) for sample in images]
+        full = self.splice(prompts, full_counts, list(projected), answers)
+
+        def prompt_inputs() -> SplicedInputs:  # autograd-usable copies (explain_oracle)
+            return self.splice(prompts, full_counts, list(projected.clone()))
+
+        signals = self.llm_input_signals(full, prompt_inputs, answers)
+        for i, values in enumerate(zip(*tokens.signals.values())):  # the vision signals too, per image
+            signals[("image", i)].update(dict(zip(tokens.signals, values)))
+        grids = [(1, *self.grid)] * len(flat)
+        results = reduce_items(self.reducer, "image", list(projected), grids, signals)
+        kept = iter([r.features.shape[0] for r in results])
         counts = [[next(kept) for _ in sample] for sample in images]
-        features = [f[:k] for f, k in zip(reduced.features, lengths)]
-        inputs = self.splice(prompts, counts, features, answers)
+        inputs = self.splice(prompts, counts, [r.features for r in results], answers)
         if getattr(self.reducer, "positions", "renumber") == "gather":
-            inputs.position_ids = self._gathered_positions(full, inputs, reduced)
+            sources = {("image", i): r.index for i, r in enumerate(results)}
+            inputs.position_ids = gathered_positions(full, inputs, sources)
             inputs.gathered_positions = True
         return inputs
-
-    def input_embeddings(self, inputs: ModelInputs) -> torch.Tensor:
-        """The LLM's input [B, L, D]: token embeddings with the visual tokens scattered in (as LlavaModel does)."""
-        embeds = self.model.get_input_embeddings()(inputs.input_ids)  # [B, L, D]
-        features = inputs.mm_encoder_outputs.get("image")
-        if features is None:
-            return embeds
-        visual = torch.cat(list(features.pooler_output)).to(embeds.device, embeds.dtype)  # [sum k, D]
-        mask = (inputs.input_ids == self.image_token_id).unsqueeze(-1)  # [B, L, 1]
-        return embeds.masked_scatter(mask, visual)
-
-    def image_blocks(self, inputs: ModelInputs) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
-        """Where each image sits in an *unreduced* splice, and the text rows after it.
-
-        Returns:
-            blocks: per image (flat, sample order), (sample, first column, token count).
-            rows: [I, L] bool; the real, non-visual tokens after the image's block and before the
-                first labelled (answer) token: the rows `llm_text_attn` averages.
-        """
-        n = self.grid[0] * self.grid[1]
-        is_image = inputs.input_ids == self.image_token_id  # [B, L]
-        length = is_image.shape[1]
-        positions = torch.arange(length, device=is_image.device)
-        text = inputs.attention_mask.bool() & ~is_image  # [B, L]
-        if inputs.labels is not None:
-            labelled = inputs.labels != -100
-            first = torch.where(labelled.any(-1), labelled.int().argmax(-1), length)  # [B]
-            text &= positions[None] < first[:, None]
-        blocks, rows = [], []
-        for b, starts in enumerate(is_image.sum(-1).tolist()):
-            if starts % n:
-                raise ValueError(
-                    f"sample {b} has {starts} image tokens, not a multiple of {n}: reduced input?"
-                )
-            for start in is_image[b].nonzero().squeeze(1)[::n].tolist():
-                blocks.append((b, start, n))
-                rows.append(text[b] & (positions >= start + n))
-        return blocks, torch.stack(rows) if rows else text[:0]
-
-    @torch.no_grad()
-    def text_attention(self, inputs: ModelInputs) -> torch.Tensor:
-        """`llm_text_attn` [I, N] float32 of an unreduced splice: layer-0 attention from the text after
-        each image to its visual tokens, averaged over those rows and the heads (see `image_blocks`).
-
-        Computed from layer 0's input norm, q/k projections and the model's rotary embedding
-        (`tokenprune.models.signals`), whatever attention backend the model runs.
-        """
-        language_model = self.model.model.language_model
-        blocks, rows = self.image_blocks(inputs)
-        embeds = self.input_embeddings(inputs)  # [B, L, D]
-        query, key, scale = decoder_query_key(
-            language_model.layers[0], language_model.rotary_emb, embeds, inputs.position_ids
-        )
-        return text_to_visual_attention(query, key, scale, inputs.attention_mask, blocks, rows)
-
-    def answer_relevance(
-        self, inputs: ModelInputs, answer_ids: Sequence[Sequence[int]], target: str = "logit"
-    ) -> torch.Tensor:
-        """GAE relevance [I, N] float32 of each sample's answer for its visual tokens (notes §1, §6.3).
-
-        Args:
-            inputs: an unreduced splice of the prompts only (no labels).
-            answer_ids: per sample, the answer tokens to explain (teacher-forced after the prompt);
-                each one is explained at the position that predicts it and the rows are averaged.
-            target: the differentiated score: "logit" (GAE's convention) or "logprob".
-        """
-        from tokenprune.explain.gae import relevance_row
-
-        blocks, _ = self.image_blocks(inputs)
-        embeds = self.input_embeddings(inputs).detach()  # [B, L, D]
-        out = embeds.new_zeros(len(blocks), self.grid[0] * self.grid[1], dtype=torch.float32)
-        for b, answer in enumerate(answer_ids):
-            images = [i for i, block in enumerate(blocks) if block[0] == b]
-            if not images or not answer:
-                continue
-            valid = inputs.attention_mask[b].bool()  # left padding dropped
-            offset = int((~valid).sum())
-            answer_embeds = self.model.get_input_embeddings()(
-                torch.tensor(list(answer), device=embeds.device)
-            )
-            sequence = torch.cat([embeds[b, valid], answer_embeds])  # [S, D]
-            targets = [(int(valid.sum()) - 1 + t, int(y)) for t, y in enumerate(answer)]
-            positions = torch.arange(sequence.shape[0], device=embeds.device)[None]
-            row = relevance_row(
-                self.model, self.model.model.language_model, sequence[None], positions, targets, target
-            )  # [S]
-            for i in images:
-                _, first, count = blocks[i]
-                out[i] = row[first - offset : first - offset + count]
-        return out
-
-    def _oracle_relevance(
-        self,
-        prompts: Sequence[str | Sequence[tuple[str, bool]]],
-        images: Sequence[Sequence[Image.Image]],
-        projected: torch.Tensor,
-        answers: Sequence[str] | None,
-    ) -> torch.Tensor:
-        """`relevance` for explain_oracle: the given answers, or the unreduced model's greedy ones."""
-        counts = [[projected.shape[1]] * len(sample) for sample in images]
-        with torch.inference_mode(False):  # generate() runs under inference mode; GAE needs autograd
-            prompt_inputs = self.splice(prompts, counts, list(projected.clone()))
-            if answers is not None:
-                answer_ids = [self._answer_ids(a) for a in answers]
-            else:
-                most = int(getattr(self.reducer, "answer_tokens", 16))
-                answer_ids = self.greedy_answer_ids(prompt_inputs, most)
-            if not getattr(self.reducer, "include_eos", False):
-                eos = self.tokenizer.eos_token_id
-                answer_ids = [[t for t in ids if t != eos] for ids in answer_ids]
-            target = str(getattr(self.reducer, "target", "logit"))
-            return self.answer_relevance(prompt_inputs, answer_ids, target=target)  # float32: no bf16 ties
-
-    @torch.no_grad()
-    def greedy_answer_ids(self, inputs: ModelInputs, max_new_tokens: int) -> list[list[int]]:
-        """The model's greedy answer to each prompt of an unreduced splice: token ids up to and including EOS."""
-        kwargs = inputs.as_kwargs()
-        kwargs.pop("position_ids")
-        if not kwargs["mm_encoder_outputs"]:
-            kwargs.pop("mm_encoder_outputs")
-        pad = self.tokenizer.pad_token_id
-        output = self.model.generate(
-            **kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-        )
-        new_tokens = output[:, inputs.input_ids.shape[1] :]
-        lengths = generated_lengths(new_tokens, self.tokenizer.eos_token_id)
-        return [row[:n].tolist() for row, n in zip(new_tokens, lengths)]
-
-    def _gathered_positions(
-        self, full: ModelInputs, reduced_inputs: ModelInputs, reduced: Reduced
-    ) -> torch.Tensor:
-        """Position ids [B, L'] of a reduced splice taken from the unreduced one: the text keeps its
-        positions, a kept visual token the position of its source patch (a synthetic token, index -1,
-        that of its grid's centre patch); left padding gets 0."""
-        blocks, _ = self.image_blocks(full)
-        h, w = self.grid
-        centre = (h // 2) * w + w // 2
-        lengths = reduced.lengths.tolist()
-        out = torch.zeros_like(reduced_inputs.position_ids)  # [B, L']
-        for b in range(full.input_ids.shape[0]):
-            valid = full.attention_mask[b].bool()
-            positions = full.position_ids[b]
-            pieces, cursor = [], 0
-            for i, (sample, first, count) in enumerate(blocks):
-                if sample != b:
-                    continue
-                pieces.append(positions[cursor:first][valid[cursor:first]])
-                index = reduced.index[i, : lengths[i]]
-                pieces.append(positions[first + torch.where(index >= 0, index, centre)])
-                cursor = first + count
-            pieces.append(positions[cursor:][valid[cursor:]])
-            row = torch.cat(pieces)
-            if row.numel() != int(reduced_inputs.attention_mask[b].sum()):
-                raise RuntimeError("gathered positions do not match the reduced splice")
-            out[b, out.shape[1] - row.numel() :] = row
-        return out
-
-
-def _generate_inputs(inputs: ModelInputs) -> dict:
-    """The spliced inputs as `generate` takes them: positions only when gathered (else generate
-    derives them from the attention mask), no empty `mm_encoder_outputs`."""
-    kwargs = inputs.as_kwargs()
-    if not inputs.gathered_positions:
-        kwargs.pop("position_ids")
-    if not kwargs["mm_encoder_outputs"]:
-        kwargs.pop("mm_encoder_outputs")
-    return kwargs
 
 
 def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:

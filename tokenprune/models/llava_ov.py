@@ -38,28 +38,25 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
 from tokenprune.models._views import (
-    Block,
-    LlmInput,
     ReducedView,
     SplicedInputs,
     View,
+    assemble,
     gathered_positions,
-    left_pad,
     reduce_items,
     reduce_views,
     video_frames,
 )
+from tokenprune.models.base import AdapterCore, Capabilities, load_pretrained
 from tokenprune.models.signals import siglip_attention
-from tokenprune.models.timing import generate_answers
-from tokenprune.reducers.baselines import NoReduction
-from tokenprune.types import LLM_SIGNALS, VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
+from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
 
 OV_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -103,11 +100,12 @@ class Item:
     grid: tuple[int, int, int]
 
 
-class LlavaOnevisionAdapter:
+class LlavaOnevisionAdapter(AdapterCore):
     """LLaVA-OneVision (SigLIP + projector + Qwen2 LLM) with a reducer in the loop."""
 
-    family = "llava_onevision"
-    supports_video = True
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        family="llava_onevision", supports_video=True, supports_training=False, supports_visualize=False
+    )
 
     def __init__(
         self, model, image_processor, tokenizer, reducer: Reducer | None = None, prompt: str = OV_PROMPT
@@ -124,23 +122,16 @@ class LlavaOnevisionAdapter:
                 "LlavaOnevisionAdapter supports vision_feature_select_strategy='full' with one vision_feature_layer; "
                 f"got {config.vision_feature_select_strategy!r}, {config.vision_feature_layer!r}"
             )
-        self.model = model
+        super().__init__(
+            model, tokenizer, reducer, {"image": config.image_token_id, "video": config.video_token_id}
+        )
         self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.reducer = reducer if reducer is not None else NoReduction()
         self.prompt = prompt
         vision = config.vision_config
         self.crop_size = vision.image_size
         self.side = vision.image_size // vision.patch_size
         self.image_token_id = config.image_token_id
         self.video_token_id = config.video_token_id
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError(
-                "the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json"
-            )
-        self.llm_input = LlmInput(
-            model, tokenizer, {"image": self.image_token_id, "video": self.video_token_id}, _generate_kwargs
-        )
 
     @classmethod
     def from_pretrained(
@@ -166,21 +157,27 @@ class LlavaOnevisionAdapter:
         """
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-        source = resolve_checkpoint(path, build)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            image_processor = AutoImageProcessor.from_pretrained(source)
-            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
-            )
-        except OSError as error:
-            raise hub_error(path, error) from error
-        model.to(resolve_device(device)).eval()
+        model, (tokenizer, image_processor) = load_pretrained(
+            path,
+            build,
+            LlavaOnevisionForConditionalGeneration,
+            dtype,
+            attn_implementation,
+            device,
+            lambda source: (
+                AutoTokenizer.from_pretrained(source),
+                AutoImageProcessor.from_pretrained(source),
+            ),
+        )
         return cls(model, image_processor, tokenizer, reducer=reducer, prompt=prompt)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
+    def projector(self) -> torch.nn.Module:
+        """The trainable bridge between the vision tower and the LLM (the 2-layer MLP)."""
+        return self.model.model.multi_modal_projector
+
+    def vision_flops(self) -> None:
+        """No analytic formula for the anyres SigLIP tower yet (LLM FLOPs are still counted)."""
+        return None
 
     # ------------------------------------------------------------------ vision side
     def preprocess(self, images: Sequence[Sequence[Image.Image]]) -> Crops:
@@ -222,7 +219,7 @@ class LlavaOnevisionAdapter:
         for block in layers[:depth]:
             before, hidden = hidden, block(hidden, attention_mask=None)
         out = {"features": hidden}
-        if any(name in self.reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS)):
+        if any(name in self.input_reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS)):
             if depth == 0:
                 raise ValueError("vision_feature_layer 0 (the embeddings) has no attention for the signals")
             out[VIT_CLS_ATTN], out[VIT_KEYS] = siglip_attention(layers[depth - 1], before)
@@ -259,7 +256,7 @@ class LlavaOnevisionAdapter:
         self, crops: Crops, tower: dict[str, torch.Tensor], projected: torch.Tensor | None
     ) -> list[list[View]]:
         """Per image its views, [base] or [base, canvas], with features in the reducer's space."""
-        features = tower["features"] if self.view_reducer.space == "vision" else projected  # [C, N, D]
+        features = tower["features"] if self.input_reducer.space == "vision" else projected  # [C, N, D]
         attention, keys = tower.get(VIT_CLS_ATTN), tower.get(VIT_KEYS)  # [C, N], [C, N, Ck]
         cut = self.side**2
         out, start = [], 0
@@ -292,7 +289,7 @@ class LlavaOnevisionAdapter:
     def video_views(self, tower: dict[str, torch.Tensor], projected: torch.Tensor | None) -> list[View]:
         """One view per frame: its 2x2-pooled grid (the model's bilinear pooling), features in the reducer's space."""
         pool = self.model.model.apply_pooling
-        features = pool(tower["features"] if self.view_reducer.space == "vision" else projected)  # [T, n, D]
+        features = pool(tower["features"] if self.input_reducer.space == "vision" else projected)  # [T, n, D]
         attention = tower.get(VIT_CLS_ATTN)
         attention = None if attention is None else pool(attention.unsqueeze(-1)).squeeze(-1)  # [T, n]
         keys = None if VIT_KEYS not in tower else pool(tower[VIT_KEYS])  # [T, n, C]
@@ -315,17 +312,11 @@ class LlavaOnevisionAdapter:
         if not changed:
             return out
         tokens = torch.cat([reduced[i].features for i in changed])  # [sum k, C or D]
-        if self.view_reducer.space == "vision":
+        if self.input_reducer.space == "vision":
             tokens = self.model.model.multi_modal_projector(tokens)  # [sum k, D]
         for i, part in zip(changed, tokens.split([reduced[i].features.shape[0] for i in changed])):
             out[i] = part
         return out
-
-    @property
-    def view_reducer(self) -> Reducer:
-        """The reducer of the views: the adapter's, or the identity when it runs at the LLM input (the
-        views then give the model's own tokens, which are reduced after the signals are computed)."""
-        return NoReduction() if self.reduces_at_llm_input else self.reducer
 
     def encode_images(self, crops: Crops) -> list[torch.Tensor]:
         """Preprocessed images -> per image its LLM tokens [k_i, D] (reduced views, newlines included)."""
@@ -335,7 +326,7 @@ class LlavaOnevisionAdapter:
         """Preprocessed images -> per image its LLM tokens with their newline layout."""
         projector = self.model.model.multi_modal_projector
         newline = self.model.model.image_newline
-        reducer = self.view_reducer
+        reducer = self.input_reducer
         tower = self.tower(crops.pixel_values)
         projected = projector(tower["features"]) if reducer.space == "llm" else None  # [C, N, D]
         per_image = self.image_views(crops, tower, projected)
@@ -375,7 +366,7 @@ class LlavaOnevisionAdapter:
         """Per video its frames [T, 3, S, S] -> per video its LLM tokens with their newline layout."""
         projector = self.model.model.multi_modal_projector
         newline = self.model.model.image_newline
-        reducer = self.view_reducer
+        reducer = self.input_reducer
         tower = self.tower(torch.cat(list(videos)))
         projected = projector(tower["features"]) if reducer.space == "llm" else None  # [T, N, D]
         views = self.video_views(tower, projected)
@@ -399,9 +390,6 @@ class LlavaOnevisionAdapter:
     # ------------------------------------------------------------------ text side
     def format_prompt(self, question: str, n_images: int, n_videos: int = 0) -> str:
         return self.prompt.format(images=IMAGE_MARKER * n_images + VIDEO_MARKER * n_videos, question=question)
-
-    def _answer_ids(self, answer: str) -> list[int]:
-        return [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
 
     def splice(
         self,
@@ -441,13 +429,9 @@ class LlavaOnevisionAdapter:
                     row.extend([token] * item.tokens.shape[0])
                 else:
                     row.append(token)
-            answer = [] if answers is None else self._answer_ids(answers[b])
+            answer = [] if answers is None else self.answer_ids(answers[b])
             rows.append(row + answer)
             targets.append([-100] * len(row) + answer)
-        device = self.device
-        input_ids = left_pad(rows, self.tokenizer.pad_token_id, device)  # [B, L]
-        attention_mask = left_pad([[1] * len(r) for r in rows], 0, device)  # [B, L]
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [B, L]
         outputs = {}
         if image_items:
             outputs["image"] = BaseModelOutputWithPooling(pooler_output=[i.tokens for i in image_items])
@@ -455,16 +439,20 @@ class LlavaOnevisionAdapter:
             outputs["video"] = BaseModelOutputWithPooling(
                 pooler_output=torch.cat([i.tokens for i in video_items])[None]
             )
-        labels = None if answers is None else left_pad(targets, -100, device)
-        width = input_ids.shape[1]
-        blocks = [Block(b, width - len(rows[b]) + at, *rest) for b, at, *rest in placed]
-        visual = [sum(k.count for k in blocks if k.sample == b) for b in range(len(rows))]
-        return SplicedInputs(input_ids, attention_mask, position_ids, outputs, visual, labels, blocks)
+        return assemble(
+            rows,
+            None if answers is None else targets,
+            placed,
+            outputs,
+            self.tokenizer.pad_token_id,
+            self.device,
+        )
 
     def prepare(
         self,
         questions: Sequence[str],
         images: Sequence[Sequence[Image.Image]],
+        *,
         videos: Sequence[Sequence[Video]] | None = None,
         answers: Sequence[str] | None = None,
     ) -> SplicedInputs:
@@ -489,11 +477,6 @@ class LlavaOnevisionAdapter:
         return self.splice(prompts, media, image_items, video_items, answers)
 
     # ------------------------------------------------------------------ reduction at the LLM input
-    @property
-    def reduces_at_llm_input(self) -> bool:
-        """Whether the reducer reads a signal of the spliced LLM input (it then runs there)."""
-        return any(name in LLM_SIGNALS for name in self.reducer.requires)
-
     def _prepare_at_llm_input(
         self,
         prompts: Sequence[str],
@@ -515,8 +498,7 @@ class LlavaOnevisionAdapter:
             ]
             return self.splice(prompts, media, *cloned)
 
-        given = None if answers is None else [self._answer_ids(a) for a in answers]
-        signals = self.llm_input.signals(self.reducer, full, prompt_inputs, given)
+        signals = self.llm_input_signals(full, prompt_inputs, answers)
         reduced: dict[str, list[Item]] = {"image": [], "video": []}
         sources: dict[tuple[str, int], torch.Tensor] = {}
         for modality, items in (("image", image_items), ("video", video_items)):
@@ -540,58 +522,3 @@ class LlavaOnevisionAdapter:
             inputs.position_ids = gathered_positions(full, inputs, sources)
             inputs.gathered_positions = True
         return inputs
-
-    def text_attention(self, inputs: SplicedInputs) -> list[torch.Tensor]:
-        """`llm_text_attn` of an unreduced splice: per image / video (`inputs.blocks`), [n] float32 over
-        its non-newline tokens."""
-        return self.llm_input.text_attention(inputs)
-
-    def answer_relevance(
-        self, inputs: SplicedInputs, answer_ids: Sequence[Sequence[int]], target: str = "logit"
-    ) -> list[torch.Tensor]:
-        """GAE relevance of each sample's answer per image / video of an unreduced prompt splice."""
-        return self.llm_input.answer_relevance(inputs, answer_ids, target)
-
-    def greedy_answer_ids(self, inputs: SplicedInputs, max_new_tokens: int) -> list[list[int]]:
-        """The model's greedy answer to each prompt: token ids up to and including EOS."""
-        return self.llm_input.greedy_answer_ids(inputs, max_new_tokens)
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        questions: Sequence[str],
-        images: Sequence[Sequence[Image.Image]],
-        videos: Sequence[Sequence[Video]] | None = None,
-        max_new_tokens: int = 16,
-        timing: dict | None = None,
-        **generate_kwargs,
-    ) -> tuple[list[str], list[int]]:
-        """Batched generation; returns the decoded answers and each sample's visual token count.
-
-        Args:
-            questions: one per sample.
-            images: per sample, its images (PIL).
-            videos: per sample, its videos (`tokenprune.types.Video`, a list of PIL frames or a
-                [T, H, W, 3] uint8 array); None: no videos.
-            timing: if a dict is given, it is filled with the batch's stage times
-                (`tokenprune.models.timing.StageClock.summary`) and per-sample `text_tokens` and
-                `new_tokens`, as the LLaVA adapter does.
-        """
-        return generate_answers(
-            self.model,
-            self.tokenizer,
-            lambda: self.prepare(questions, images, videos),
-            _generate_kwargs,
-            max_new_tokens,
-            timing,
-            generate_kwargs,
-        )
-
-
-def _generate_kwargs(inputs: SplicedInputs) -> dict:
-    """The spliced inputs as `generate` takes them: positions only when gathered from the unreduced
-    sequence (it continues them +1 per step); otherwise generate derives them from the attention mask."""
-    kwargs = inputs.as_kwargs()
-    if not inputs.gathered_positions:
-        kwargs.pop("position_ids")
-    return kwargs

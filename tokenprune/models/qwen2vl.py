@@ -41,26 +41,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
 from tokenprune.models._views import (
-    Block,
-    LlmInput,
     SplicedInputs,
     View,
-    left_pad,
+    assemble,
     reduce_items,
     reduce_views,
     video_frames,
 )
+from tokenprune.models.base import AdapterCore, Capabilities, load_pretrained
 from tokenprune.models.signals import qwen_vision_attention
-from tokenprune.models.timing import generate_answers
-from tokenprune.reducers.baselines import NoReduction
-from tokenprune.types import LLM_SIGNALS, VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
+from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
 
 QWEN_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -91,11 +88,12 @@ class EncodedMedia:
     seconds: list[float]
 
 
-class Qwen2VLAdapter:
+class Qwen2VLAdapter(AdapterCore):
     """Qwen2-VL / Qwen2.5-VL (ViT + PatchMerger + Qwen2 LLM with M-RoPE) with a reducer in the loop."""
 
-    family = "qwen2_vl"
-    supports_video = True
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        family="qwen2_vl", supports_video=True, supports_training=True, supports_visualize=False
+    )
 
     def __init__(
         self,
@@ -113,10 +111,10 @@ class Qwen2VLAdapter:
             raise ValueError(
                 f"Qwen2VLAdapter takes {FAMILIES} checkpoints, got model_type {config.model_type!r}"
             )
-        self.model = model
+        super().__init__(
+            model, tokenizer, reducer, {"image": config.image_token_id, "video": config.video_token_id}
+        )
         self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.reducer = reducer if reducer is not None else NoReduction()
         self.prompt = prompt
         self.windowed = config.model_type == "qwen2_5_vl"
         vision = config.vision_config
@@ -130,16 +128,6 @@ class Qwen2VLAdapter:
             "longest_edge": video_max_pixels or size["longest_edge"],
         }
         self.video_fps = video_fps
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError(
-                "the tokenizer has no pad token; set one in the checkpoint's tokenizer_config.json"
-            )
-        self.llm_input = LlmInput(
-            model,
-            tokenizer,
-            {"image": self.image_token_id, "video": self.video_token_id},
-            lambda inputs: inputs.as_kwargs(),  # position_ids [4, B, L]: generate extends each row by +1
-        )
 
     @classmethod
     def from_pretrained(
@@ -174,23 +162,23 @@ class Qwen2VLAdapter:
         """
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        source = resolve_checkpoint(path, build)
-        overrides = {}
-        if min_pixels is not None or max_pixels is not None:
-            overrides["size"] = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            image_processor = AutoImageProcessor.from_pretrained(source)
-            model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
-            )
-        except OSError as error:
-            raise hub_error(path, error) from error
-        if overrides:
+        model, (tokenizer, image_processor) = load_pretrained(
+            path,
+            build,
+            AutoModelForImageTextToText,
+            dtype,
+            attn_implementation,
+            device,
+            lambda source: (
+                AutoTokenizer.from_pretrained(source),
+                AutoImageProcessor.from_pretrained(source),
+            ),
+        )
+        bounds = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        if any(v is not None for v in bounds.values()):
             size = dict(image_processor.size)
-            size.update({k: v for k, v in overrides["size"].items() if v is not None})
+            size.update({k: v for k, v in bounds.items() if v is not None})
             image_processor.size = size
-        model.to(resolve_device(device)).eval()
         return cls(
             model,
             image_processor,
@@ -202,9 +190,13 @@ class Qwen2VLAdapter:
             video_fps=video_fps,
         )
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
+    def projector(self) -> torch.nn.Module:
+        """The trainable bridge between the vision tower and the LLM (the 2x2 PatchMerger)."""
+        return self.model.model.visual.merger
+
+    def vision_flops(self) -> None:
+        """No analytic formula for Qwen's variable-resolution tower yet (LLM FLOPs are still counted)."""
+        return None
 
     # ------------------------------------------------------------------ vision side
     def preprocess(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +234,7 @@ class Qwen2VLAdapter:
         return pixel_values, torch.tensor(grids), seconds
 
     def _wants_signals(self) -> bool:
-        return any(name in self.reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS))
+        return any(name in self.input_reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS))
 
     def tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the vision tower once. All outputs are per merged token (2x2 group), in raster order
@@ -297,7 +289,7 @@ class Qwen2VLAdapter:
 
     def views(self, tower: dict[str, torch.Tensor], grid_thw: torch.Tensor) -> list[View]:
         """One view per frame group of every item: the reducer's input (space picks units or merged)."""
-        key = "units" if self.reducer.space == "vision" else "merged"
+        key = "units" if self.input_reducer.space == "vision" else "merged"
         names = [name for name in (VIT_CLS_ATTN, VIT_KEYS) if name in tower]
         views, start = [], 0
         for t, h, w in grid_thw.tolist():
@@ -317,7 +309,7 @@ class Qwen2VLAdapter:
         """Flattened patches of some images (or videos) -> per-item reduced LLM tokens and their sources."""
         tower = self.tower(pixel_values, grid_thw)
         views = self.views(tower, grid_thw)
-        reduced = reduce_views(self.reducer, views)
+        reduced = reduce_views(self.input_reducer, views)
         features, start = [], 0
         for view, result in zip(views, reduced):
             if result.unchanged:  # exactly the model's own merged tokens
@@ -326,7 +318,9 @@ class Qwen2VLAdapter:
                 features.append(result.features)
             start += view.features.shape[0]
         merge = (
-            [i for i, r in enumerate(reduced) if not r.unchanged] if self.reducer.space == "vision" else []
+            [i for i, r in enumerate(reduced) if not r.unchanged]
+            if self.input_reducer.space == "vision"
+            else []
         )
         if merge:  # one merger call for every reduced view: [sum k, 4C] -> [sum k, D]
             groups = torch.cat([features[i] for i in merge])
@@ -356,12 +350,9 @@ class Qwen2VLAdapter:
     def format_prompt(self, question: str, n_images: int, n_videos: int = 0) -> str:
         return self.prompt.format(images=IMAGE_MARKER * n_images + VIDEO_MARKER * n_videos, question=question)
 
-    def _answer_ids(self, answer: str) -> list[int]:
-        return [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
-
     def splice(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[tuple[str, bool]]],
         images: Sequence[Sequence[int]],
         videos: Sequence[Sequence[int]],
         encoded_images: EncodedMedia | None,
@@ -371,16 +362,23 @@ class Qwen2VLAdapter:
         """Tokenize prompts, give every image/video its kept count of placeholders, gather M-RoPE.
 
         Args:
-            prompts: one string per sample with one image (video) placeholder per image (video).
+            prompts: one per sample with one image (video) placeholder per image (video): a string
+                (no labels), or a conversation as (text, trained) segments whose trained tokens are
+                labels (-100 elsewhere).
             images, videos: per sample, the indices of its images (videos) in the encoded lists.
             encoded_images, encoded_videos: the reduced tokens (None when there are none).
             answers: per sample, the assistant's reply for teacher forcing (answer + eos, labelled).
         """
         rope_index = self.model.model.get_rope_index
-        rows, targets, positions, counts, placed = [], [], [], [], []
+        rows, targets, positions, placed = [], [], [], []
         for b, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt)["input_ids"]
-            answer = [] if answers is None else self._answer_ids(answers[b])
+            ids, labels = [], []
+            segments = [(prompt, False)] if isinstance(prompt, str) else prompt
+            for i, (text, trained) in enumerate(segments):
+                piece = self.tokenizer(text, add_special_tokens=i == 0)["input_ids"]
+                ids += piece
+                labels += piece if trained else [-100] * len(piece)
+            answer = [] if answers is None else self.answer_ids(answers[b])
             pending = {self.image_token_id: list(images[b]), self.video_token_id: list(videos[b])}
             expected = {k: len(v) for k, v in pending.items()}
             if [sum(t == k for t in ids) for k in pending] != list(expected.values()):
@@ -389,8 +387,8 @@ class Qwen2VLAdapter:
                     f"{sum(t == self.video_token_id for t in ids)} video placeholders but "
                     f"{expected[self.image_token_id]} images and {expected[self.video_token_id]} videos: {prompt!r}"
                 )
-            full, types, row, gather = [], [], [], []
-            for token in ids + answer:
+            full, types, row, gather, target = [], [], [], [], []
+            for token, label in zip(ids + answer, labels + answer):
                 if token in pending:
                     media = encoded_images if token == self.image_token_id else encoded_videos
                     item = pending[token].pop(0)
@@ -402,12 +400,14 @@ class Qwen2VLAdapter:
                     full += [token] * media.full[item]
                     types += [1 if token == self.image_token_id else 2] * media.full[item]
                     row += [token] * len(media.sources[item])
+                    target += [-100] * len(media.sources[item])
                     gather += (media.sources[item] + start).tolist()
                 else:
                     gather.append(len(full))
                     full.append(token)
                     types.append(0)
                     row.append(token)
+                    target.append(label)
             extra = {}
             if self.windowed and videos[b]:
                 extra["second_per_grid_ts"] = torch.tensor([encoded_videos.seconds[i] for i in videos[b]])
@@ -420,30 +420,33 @@ class Qwen2VLAdapter:
             )
             positions.append(pos3[:, 0, gather])  # [3, L_b]
             rows.append(row)
-            targets.append([-100] * (len(row) - len(answer)) + answer)
-            counts.append(sum(t in (self.image_token_id, self.video_token_id) for t in row))
-        device = self.device
-        input_ids = left_pad(rows, self.tokenizer.pad_token_id, device)  # [B, L]
-        attention_mask = left_pad([[1] * len(r) for r in rows], 0, device)  # [B, L]
-        width = input_ids.shape[1]
-        spatial = torch.zeros(3, len(rows), width, dtype=torch.long)
-        for b, pos in enumerate(positions):
-            spatial[:, b, width - pos.shape[1] :] = pos
-        text = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [B, L]
-        position_ids = torch.cat([text[None], spatial.to(device)])  # [4, B, L]
+            targets.append(target)
         outputs = {}
         if encoded_images is not None and encoded_images.features:
             outputs["image"] = BaseModelOutputWithPooling(pooler_output=encoded_images.features)
         if encoded_videos is not None and encoded_videos.features:
             outputs["video"] = BaseModelOutputWithPooling(pooler_output=encoded_videos.features)
-        labels = None if answers is None else left_pad(targets, -100, device)
-        blocks = [Block(b, width - len(rows[b]) + at, *rest) for b, at, *rest in placed]
-        return SplicedInputs(input_ids, attention_mask, position_ids, outputs, counts, labels, blocks)
+        labelled = answers is not None or any(not isinstance(p, str) for p in prompts)
+        inputs = assemble(
+            rows,
+            targets if labelled else None,
+            placed,
+            outputs,
+            self.tokenizer.pad_token_id,
+            self.device,
+        )
+        width = inputs.input_ids.shape[1]
+        spatial = torch.zeros(3, len(rows), width, dtype=torch.long)
+        for b, pos in enumerate(positions):
+            spatial[:, b, width - pos.shape[1] :] = pos
+        inputs.position_ids = torch.cat([inputs.position_ids[None], spatial.to(self.device)])  # [4, B, L]
+        return inputs
 
     def prepare(
         self,
         questions: Sequence[str],
         images: Sequence[Sequence[Image.Image]],
+        *,
         videos: Sequence[Sequence[Video]] | None = None,
         answers: Sequence[str] | None = None,
     ) -> SplicedInputs:
@@ -467,12 +470,29 @@ class Qwen2VLAdapter:
         encoded_videos = self.encode(*self.preprocess_videos(flat_videos)) if flat_videos else None
         return self.splice(prompts, image_ids, video_ids, encoded_images, encoded_videos, answers)
 
-    # ------------------------------------------------------------------ reduction at the LLM input
-    @property
-    def reduces_at_llm_input(self) -> bool:
-        """Whether the reducer reads a signal of the spliced LLM input (it then runs there)."""
-        return any(name in LLM_SIGNALS for name in self.reducer.requires)
+    def prepare_conversations(
+        self,
+        conversations: Sequence[Sequence[tuple[str, bool]]],
+        images: Sequence[Sequence[Image.Image]],
+    ) -> SplicedInputs:
+        """Multi-turn training inputs: rendered conversations (`tokenprune.data.instruct.render` with
+        the `qwen_chatml` template, one vision marker per image in the first) -> LLM inputs with labels
+        on the trained segments. The reducer runs in the forward, so the loss reaches the merger."""
+        image_ids, video_ids = _number(images), [[] for _ in images]
+        flat = [image for sample in images for image in sample]
+        if self.reduces_at_llm_input:
+            self.check_oracle()
+            full_images = self.unreduced(*self.preprocess(flat)) if flat else None
+            return self._prepare_at_llm_input(conversations, image_ids, video_ids, full_images, None, None)
+        encoded = self.encode(*self.preprocess(flat)) if flat else None
+        return self.splice(conversations, image_ids, video_ids, encoded, None)
 
+    def image_token_budget(self) -> int:
+        """The most LLM tokens one image can give (the image processor's max_pixels, merged 2x2)."""
+        vision = self.model.config.vision_config
+        return self.image_processor.size["longest_edge"] // (vision.patch_size * self.merge) ** 2
+
+    # ------------------------------------------------------------------ reduction at the LLM input
     def unreduced(
         self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, seconds: Sequence[float] = ()
     ) -> EncodedMedia:
@@ -508,8 +528,7 @@ class Qwen2VLAdapter:
         def prompt_inputs() -> SplicedInputs:  # autograd-usable copies (explain_oracle)
             return self.splice(prompts, image_ids, video_ids, _cloned(images), _cloned(videos))
 
-        given = None if answers is None else [self._answer_ids(a) for a in answers]
-        signals = self.llm_input.signals(self.reducer, full, prompt_inputs, given)
+        signals = self.llm_input_signals(full, prompt_inputs, answers)
         reduced = {}
         for modality, media in (("image", images), ("video", videos)):
             if media is None:
@@ -524,51 +543,6 @@ class Qwen2VLAdapter:
                 media.seconds,
             )
         return self.splice(prompts, image_ids, video_ids, reduced.get("image"), reduced.get("video"), answers)
-
-    def text_attention(self, inputs: SplicedInputs) -> list[torch.Tensor]:
-        """`llm_text_attn` of an unreduced splice: per image / video (`inputs.blocks`), [n] float32."""
-        return self.llm_input.text_attention(inputs)
-
-    def answer_relevance(
-        self, inputs: SplicedInputs, answer_ids: Sequence[Sequence[int]], target: str = "logit"
-    ) -> list[torch.Tensor]:
-        """GAE relevance of each sample's answer per image / video of an unreduced prompt splice."""
-        return self.llm_input.answer_relevance(inputs, answer_ids, target)
-
-    def greedy_answer_ids(self, inputs: SplicedInputs, max_new_tokens: int) -> list[list[int]]:
-        """The model's greedy answer to each prompt: token ids up to and including EOS."""
-        return self.llm_input.greedy_answer_ids(inputs, max_new_tokens)
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        questions: Sequence[str],
-        images: Sequence[Sequence[Image.Image]],
-        videos: Sequence[Sequence[Video]] | None = None,
-        max_new_tokens: int = 16,
-        timing: dict | None = None,
-        **generate_kwargs,
-    ) -> tuple[list[str], list[int]]:
-        """Batched generation; returns the decoded answers and each sample's visual token count.
-
-        Args:
-            questions: one per sample.
-            images: per sample, its images (PIL).
-            videos: per sample, its videos (`tokenprune.types.Video`, a list of PIL frames or a
-                [T, H, W, 3] uint8 array); None: no videos.
-            timing: if a dict is given, it is filled with the batch's stage times
-                (`tokenprune.models.timing.StageClock.summary`) and per-sample `text_tokens` and
-                `new_tokens`, as the LLaVA adapter does.
-        """
-        return generate_answers(
-            self.model,
-            self.tokenizer,
-            lambda: self.prepare(questions, images, videos),
-            lambda inputs: inputs.as_kwargs(),  # position_ids [4, B, L]: generate extends each row by +1
-            max_new_tokens,
-            timing,
-            generate_kwargs,
-        )
 
 
 def _cloned(media: EncodedMedia | None) -> EncodedMedia | None:

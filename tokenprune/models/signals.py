@@ -243,3 +243,44 @@ def text_to_visual_attention(
             if bool(chosen.any()):
                 out[i, :count] = attention[chosen, first : first + count].mean(dim=0)
     return out
+
+
+def mean_row_attention(
+    query: torch.Tensor, key: torch.Tensor, scale: float, attention_mask: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Per query head, the causal attention of chosen rows to every key, averaged over the rows.
+
+    The softmax of each row runs over the keys it may attend to (columns up to its own, padding
+    excluded), in float32, as the model's own attention does; grouped-query attention reads key
+    head h // (H / Hkv) (transformers' `repeat_kv`). Only the chosen rows are computed.
+
+    Args:
+        query: [B, H, L, d] rotated queries; key: [B, Hkv, L, d] rotated keys (float32).
+        scale: the softmax temperature (the layer's `scaling`).
+        attention_mask: [B, L] 1 (True) for real tokens.
+        rows: [B, L] bool, the query rows to average per sample (a sample with none gets zeros).
+
+    Returns:
+        [B, H, L] float32; row b sums to 1 over L per head when sample b has a chosen row.
+    """
+    b, heads, length, d = query.shape
+    groups = heads // key.shape[1]
+    out = query.new_zeros(b, heads, length)
+    positions = torch.arange(length, device=query.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, heads * length))
+    for sample in range(b):
+        wanted = rows[sample].nonzero().squeeze(1)  # [R]
+        if wanted.numel() == 0:
+            continue
+        keys = key[sample].transpose(-1, -2)[:, None]  # [Hkv, 1, d, L]
+        visible = attention_mask[sample].bool()  # [L]
+        total = query.new_zeros(heads, length)
+        for start in range(0, wanted.numel(), chunk):
+            r = wanted[start : start + chunk]  # [c]
+            q = query[sample][:, r].view(-1, groups, r.numel(), d)  # [Hkv, G, c, d]
+            logits = torch.matmul(q, keys) * scale  # [Hkv, G, c, L]
+            allowed = (positions[None, :] <= r[:, None]) & visible[None, :]  # [c, L]
+            probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+            total += probs.sum(dim=2).reshape(heads, length)
+        out[sample] = total / wanted.numel()
+    return out

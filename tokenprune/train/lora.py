@@ -104,7 +104,7 @@ def apply_lora(adapter: Any, lora: Any, gradient_checkpointing: bool = False, up
     from peft import get_peft_model
 
     peft_model = get_peft_model(adapter.model, lora)  # freezes everything but the LoRA weights
-    projector = adapter.model.model.multi_modal_projector
+    projector = adapter.projector()
     for parameter in projector.parameters():
         parameter.requires_grad_(True)
     if upcast:
@@ -124,7 +124,7 @@ def save_trained(peft_model: Any, adapter: Any, folder: str | Path, info: dict[s
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     peft_model.save_pretrained(str(staging))
-    projector = adapter.model.model.multi_modal_projector
+    projector = adapter.projector()
     state = {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
     save_file(state, str(staging / PROJECTOR_FILE), metadata={"format": "pt"})
     atomic_write_text(staging / INFO_FILE, json.dumps(info, indent=2, default=str))
@@ -149,7 +149,7 @@ def load_trained(adapter: Any, path: str | Path) -> Any:
         )
     device = adapter.model.device
     PeftModel.from_pretrained(adapter.model, str(path), is_trainable=False)  # injects LoRA in place
-    projector = adapter.model.model.multi_modal_projector
+    projector = adapter.projector()
     dtype = next(projector.parameters()).dtype
     state = {k: v.to(device=device, dtype=dtype) for k, v in load_file(str(path / PROJECTOR_FILE)).items()}
     projector.load_state_dict(state)
@@ -298,6 +298,11 @@ class LoraStage:
         output_dir.mkdir(parents=True, exist_ok=True)
         L.seed_everything(seed, workers=True, verbose=False)
         adapter = build_adapter(self.model_dtype)
+        if not adapter.capabilities.supports_training:
+            raise ValueError(
+                f"train=lora: the {adapter.capabilities.family} adapter does not support training yet "
+                "(multi-turn conversation inputs are not implemented for it); use a llava model"
+            )
         settings = self.trainer
         peft_model = apply_lora(
             adapter,
@@ -306,8 +311,9 @@ class LoraStage:
             upcast="mixed" in str(settings.precision),
         )
         module = LoraModule(adapter, peft_model, self.optim)
-        h, w = adapter.grid
-        data = InstructDataModule(self.data, adapter.tokenizer, image_tokens=h * w + 1, seed=seed)
+        data = InstructDataModule(
+            self.data, adapter.tokenizer, image_tokens=adapter.image_token_budget() + 1, seed=seed
+        )
         trainer = build_trainer(settings, output_dir, logger=self.logger, callbacks=callbacks)
         checkpoint = resolve_resume(self.resume, output_dir)
         if checkpoint is not None:
@@ -340,7 +346,7 @@ class LoraStage:
             info = {
                 "metrics": metrics,
                 "skipped": dict(skipped),
-                "base_model": str(getattr(adapter.model.config, "_name_or_path", "")),
+                "base_model": str(adapter.model.config.name_or_path),
                 "reducer": type(adapter.reducer).__name__,
                 "checkpoint": resolve_resume("auto", output_dir),
             }

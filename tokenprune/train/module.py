@@ -59,7 +59,7 @@ class LoraModule(L.LightningModule):
 
     @property
     def projector(self) -> torch.nn.Module:
-        return self.adapter.model.model.multi_modal_projector
+        return self.adapter.projector()
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -86,10 +86,7 @@ class LoraModule(L.LightningModule):
         for sample_id, reason in batch["skipped"]:
             self.skipped[sample_id] = reason
         inputs = self.adapter.prepare_conversations(batch["conversations"], batch["images"])
-        kwargs = inputs.as_kwargs()
-        if not kwargs["mm_encoder_outputs"]:
-            kwargs.pop("mm_encoder_outputs")
-        loss = self.adapter.model(**kwargs, use_cache=False).loss
+        loss = self.adapter.loss(inputs)
         if not any(batch["images"]):
             # a text-only batch leaves the projector out of the graph; a zero term keeps it in,
             # so DDP's gradient reduction sees every trained parameter every step
