@@ -17,7 +17,7 @@ export WANDB_MODE ?= offline
 export LOGURU_LEVEL ?= INFO
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test-latest test run tables reproduce miniature miniature-mapper lint format bench clean mini-model
+.PHONY: help install lock test-latest test run tables reproduce miniature miniature-mapper lint format bench gpu-check clean mini-model
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -80,6 +80,9 @@ mini-model: install ## rebuild the shipped mini_shapes checkpoint (<= 60 min on 
 
 bench: install ## run the speed/memory benchmarks in scripts/bench_*.py
 	@for script in scripts/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+gpu-check: install ## on a CUDA machine: numerics, 7B-shaped timings -> outputs/gpu_check/report.{json,md} (< 10 min)
+	$(PY) scripts/gpu_check.py --out outputs/gpu_check $(ARGS)
 
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -74,45 +74,57 @@ def train_tokenizer(vocab_size: int = 512, corpus: Sequence[str] | None = None):
     )
 
 
-def build_tiny_llava(
-    path: str | os.PathLike, seed: int = 0, patch_grid: int = 24, patch_size: int = 4
-) -> Path:
-    """Write a tiny random `LlavaForConditionalGeneration` (CLIP + Llama) with processor to `path`.
+# Sizes of the LLaVA stand-ins: the tiny test model, and LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 +
+# Vicuna-7B) for random-weight timings on a GPU (scripts/gpu_check.py).
+LLAVA_SHAPES = {
+    "tiny": {
+        "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4},
+        "text": {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+        },
+        "vocab_size": None,  # the trained tokenizer's
+    },
+    "7b": {
+        "vision": {
+            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+        },
+        "text": {
+            "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32,
+        },
+        "vocab_size": 32064,
+    },
+}  # fmt: skip
 
-    The vision tower has a `patch_grid` x `patch_grid` patch grid (24 x 24, like CLIP-L/336) and
-    three layers, so both the penultimate features and the last layer's attention exist. The
-    write is atomic: a partially built folder never appears at `path`.
+
+def tiny_llava_parts(shape: str = "tiny", patch_grid: int = 24, patch_size: int = 4) -> tuple:
+    """The `LlavaConfig` and `LlavaProcessor` of a random LLaVA stand-in of `shape` (LLAVA_SHAPES).
+
+    The vision tower has a `patch_grid` x `patch_grid` patch grid (24 x 24, like CLIP-L/336; the 7b
+    shape uses 14-px patches as CLIP-L/14 does), so both the penultimate features and the last
+    layer's attention exist. The tokenizer is a small trained BPE (`train_tokenizer`).
     """
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
-        LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
-    path = Path(path)
+    sizes = LLAVA_SHAPES[shape]
+    patch_size = 14 if shape == "7b" else patch_size
     tokenizer = train_tokenizer()
     image_size = patch_grid * patch_size
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-            projection_dim=64,
+            **sizes["vision"], image_size=image_size, patch_size=patch_size, projection_dim=64
         ),
         text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
+            **sizes["text"],
+            vocab_size=sizes["vocab_size"] or len(tokenizer),
+            max_position_embeddings=2048 if shape == "tiny" else 4096,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -123,11 +135,6 @@ def build_tiny_llava(
         projector_hidden_act="gelu",
         image_seq_length=patch_grid * patch_grid,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -138,6 +145,26 @@ def build_tiny_llava(
         num_additional_image_tokens=1,
         chat_template=LLAVA15_CHAT_TEMPLATE,
     )
+    return config, processor
+
+
+def build_tiny_llava(
+    path: str | os.PathLike, seed: int = 0, patch_grid: int = 24, patch_size: int = 4
+) -> Path:
+    """Write a tiny random `LlavaForConditionalGeneration` (CLIP + Llama) with processor to `path`.
+
+    Sizes: `tiny_llava_parts`. The write is atomic: a partially built folder never appears at `path`.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(path)
+    config, processor = tiny_llava_parts("tiny", patch_grid, patch_size)
+    tokenizer = processor.tokenizer
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
