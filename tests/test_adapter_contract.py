@@ -61,9 +61,8 @@ def test_missing_capabilities_are_clear_errors(adapters, tmp_path):
     frames = [random_images(1)[0]] * 2
     with pytest.raises(ValueError, match="llava adapter takes no videos"):
         llava.generate(["Hi"], [[]], videos=[[Video(frames)]], max_new_tokens=2)
-    ov = adapters["tiny_llava_ov"]
-    with pytest.raises(ValueError, match="llava_onevision adapter does not support training"):
-        ov.prepare_conversations([[("Hi", False), ("yes", True)]], [[]])
+    with pytest.raises(ValueError, match="llava_onevision adapter does not support visualize"):
+        adapters["tiny_llava_ov"].visual_view(random_images(1)[0])
     with pytest.raises(ValueError, match="qwen2_vl adapter does not support visualize"):
         adapters["tiny_qwen2vl"].visual_view(random_images(1)[0])
     from tokenprune.visualize import run

@@ -25,7 +25,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,9 @@ QWEN_CHATML = ConversationTemplate(
     end="<|im_end|>\n",
     image="<|vision_start|><|image_pad|><|vision_end|>",
 )
-TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1, QWEN_CHATML)}
+# LLaVA-OneVision (Qwen2 LLM): the same ChatML with its "<image>\n" marker, as the adapter's prompt.
+ONEVISION_CHATML = replace(QWEN_CHATML, name="onevision_chatml", image=IMAGE + "\n")
+TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1, QWEN_CHATML, ONEVISION_CHATML)}
 
 
 def get_template(name: str) -> ConversationTemplate:

@@ -308,14 +308,6 @@ class AdapterCore:
         return out
 
     # ------------------------------------------------------------------ optional capabilities
-    def prepare_conversations(
-        self, conversations: Sequence[Sequence[tuple[str, bool]]], images: Sequence[Sequence[Image.Image]]
-    ) -> SplicedInputs:
-        raise ValueError(
-            f"the {self.capabilities.family} adapter does not support training yet "
-            "(multi-turn conversations are not implemented); train=lora supports llava checkpoints"
-        )
-
     def image_token_budget(self) -> int:
         """The most visual tokens one image gives the LLM (training data length budgets)."""
         raise ValueError(f"the {self.capabilities.family} adapter has no fixed image token count")

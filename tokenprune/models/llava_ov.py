@@ -104,7 +104,7 @@ class LlavaOnevisionAdapter(AdapterCore):
     """LLaVA-OneVision (SigLIP + projector + Qwen2 LLM) with a reducer in the loop."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        family="llava_onevision", supports_video=True, supports_training=False, supports_visualize=False
+        family="llava_onevision", supports_video=True, supports_training=True, supports_visualize=False
     )
 
     def __init__(
@@ -393,7 +393,7 @@ class LlavaOnevisionAdapter(AdapterCore):
 
     def splice(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[tuple[str, bool]]],
         media: Sequence[Sequence[tuple[str, int]]],
         image_items: Sequence[Item],
         video_items: Sequence[Item],
@@ -402,7 +402,8 @@ class LlavaOnevisionAdapter(AdapterCore):
         """Tokenize prompts and give every image/video its count of placeholders.
 
         Args:
-            prompts: one string per sample with one "<image>" ("<video>") per image (video).
+            prompts: one per sample with one "<image>" ("<video>") per image (video): a string (no
+                labels), or a conversation as (text, trained) segments whose trained tokens are labels.
             media: per sample, ("image" | "video", flat item index) of each placeholder in prompt order.
             image_items, video_items: per image / video (flat, in sample order), its LLM tokens.
             answers: per sample, the assistant's reply for teacher forcing (answer + eos, labelled).
@@ -411,7 +412,12 @@ class LlavaOnevisionAdapter(AdapterCore):
         items = {"image": image_items, "video": video_items}
         rows, targets, placed = [], [], []
         for b, (prompt, sample) in enumerate(zip(prompts, media)):
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids, labels = [], []
+            segments = [(prompt, False)] if isinstance(prompt, str) else prompt
+            for i, (text, trained) in enumerate(segments):
+                piece = self.tokenizer(text, add_special_tokens=i == 0)["input_ids"]
+                ids += piece
+                labels += piece if trained else [-100] * len(piece)
             slots = [t for t in ids if t in (self.image_token_id, self.video_token_id)]
             if slots != [token_of[modality] for modality, _ in sample]:
                 raise ValueError(
@@ -420,18 +426,21 @@ class LlavaOnevisionAdapter(AdapterCore):
                 )
             remaining = iter(sample)
             row: list[int] = []
-            for token in ids:
+            target: list[int] = []
+            for token, label in zip(ids, labels):
                 if token in (self.image_token_id, self.video_token_id):
                     modality, index = next(remaining)
                     item = items[modality][index]
                     columns = (~item.newline).nonzero().squeeze(1)
                     placed.append((b, len(row), item.tokens.shape[0], modality, index, item.grid, columns))
                     row.extend([token] * item.tokens.shape[0])
+                    target.extend([-100] * item.tokens.shape[0])
                 else:
                     row.append(token)
+                    target.append(label)
             answer = [] if answers is None else self.answer_ids(answers[b])
             rows.append(row + answer)
-            targets.append([-100] * len(row) + answer)
+            targets.append(target + answer)
         outputs = {}
         if image_items:
             outputs["image"] = BaseModelOutputWithPooling(pooler_output=[i.tokens for i in image_items])
@@ -439,9 +448,10 @@ class LlavaOnevisionAdapter(AdapterCore):
             outputs["video"] = BaseModelOutputWithPooling(
                 pooler_output=torch.cat([i.tokens for i in video_items])[None]
             )
+        labelled = answers is not None or any(not isinstance(p, str) for p in prompts)
         return assemble(
             rows,
-            None if answers is None else targets,
+            targets if labelled else None,
             placed,
             outputs,
             self.tokenizer.pad_token_id,
@@ -465,16 +475,32 @@ class LlavaOnevisionAdapter(AdapterCore):
         image_items = self.image_items(self.preprocess(images)) if any(images) else []
         flat_videos = [video for sample in videos for video in sample]
         video_items = self.video_items(self.preprocess_videos(flat_videos)) if flat_videos else []
-        media, counter = [], {"image": 0, "video": 0}
-        for sample_images, sample_videos in zip(images, videos):
-            media.append([])
-            for modality, count in (("image", len(sample_images)), ("video", len(sample_videos))):
-                media[-1] += [(modality, counter[modality] + i) for i in range(count)]
-                counter[modality] += count
+        media = _media(images, videos)
         prompts = [self.format_prompt(q, len(i), len(v)) for q, i, v in zip(questions, images, videos)]
         if self.reduces_at_llm_input:
             return self._prepare_at_llm_input(prompts, media, image_items, video_items, answers)
         return self.splice(prompts, media, image_items, video_items, answers)
+
+    def prepare_conversations(
+        self,
+        conversations: Sequence[Sequence[tuple[str, bool]]],
+        images: Sequence[Sequence[Image.Image]],
+    ) -> SplicedInputs:
+        """Multi-turn training inputs: rendered conversations (`tokenprune.data.instruct.render` with
+        the `onevision_chatml` template, one "<image>\\n" per image in the first) -> LLM inputs with
+        labels on the trained segments. The reducer runs in the forward (the loss reaches the projector)."""
+        image_items = self.image_items(self.preprocess(images)) if any(images) else []
+        media = _media(images, [[] for _ in images])
+        if self.reduces_at_llm_input:
+            self.check_oracle()
+            return self._prepare_at_llm_input(conversations, media, image_items, [], None)
+        return self.splice(conversations, media, image_items, [])
+
+    def image_token_budget(self) -> int:
+        """An upper bound on the LLM tokens of one image: the base crop plus an anyres canvas of at
+        most 3x3 crops (`anyres_max_9` shrinks larger ones), each of its rows ended by a newline."""
+        side = self.side
+        return side * side + 9 * side * side + 3 * side
 
     # ------------------------------------------------------------------ reduction at the LLM input
     def _prepare_at_llm_input(
@@ -522,3 +548,14 @@ class LlavaOnevisionAdapter(AdapterCore):
             inputs.position_ids = gathered_positions(full, inputs, sources)
             inputs.gathered_positions = True
         return inputs
+
+
+def _media(images: Sequence[Sequence], videos: Sequence[Sequence]) -> list[list[tuple[str, int]]]:
+    """Per sample, ("image" | "video", flat item index) of its placeholders: its images, then its videos."""
+    media, counter = [], {"image": 0, "video": 0}
+    for sample_images, sample_videos in zip(images, videos):
+        media.append([])
+        for modality, count in (("image", len(sample_images)), ("video", len(sample_videos))):
+            media[-1] += [(modality, counter[modality] + i) for i in range(count)]
+            counter[modality] += count
+    return media
