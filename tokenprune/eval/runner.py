@@ -90,7 +90,11 @@ def _environment() -> None:
     logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"))
 
 
+_TASK_MANAGERS: dict[str | None, Any] = {}  # indexing lmms-eval's tasks takes seconds: once per folder
+
+
 def task_manager_for(benchmark: Benchmark) -> Any:
+    """lmms-eval's TaskManager with the benchmark's include_path (built once per process and folder)."""
     from lmms_eval.tasks import TaskManager
 
     _environment()
@@ -98,7 +102,9 @@ def task_manager_for(benchmark: Benchmark) -> Any:
         raise FileNotFoundError(
             f"benchmark.include_path {benchmark.include_path} is not a folder of task YAMLs"
         )
-    return TaskManager(include_path=benchmark.include_path)
+    if benchmark.include_path not in _TASK_MANAGERS:
+        _TASK_MANAGERS[benchmark.include_path] = TaskManager(include_path=benchmark.include_path)
+    return _TASK_MANAGERS[benchmark.include_path]
 
 
 def resolve_tasks(
@@ -361,6 +367,7 @@ def run(
     """
     from hydra.utils import instantiate
 
+    from tokenprune.eval import preflight
     from tokenprune.eval.records import SampleStore
 
     picked = choices()
@@ -370,7 +377,9 @@ def run(
     force = bool(cfg.get("force"))
     if not force and (done := finished(path, digest)) is not None:
         log.info("result exists, skipping (force=true to redo): %s", path)
+        print(summary(done))
         return done
+    task_manager = preflight.check(cfg) if adapter is None else preflight.check_data(cfg)
     stale = path.exists()  # forced, or another config under the same run.name: its records don't apply
     samples_file = path.with_suffix(".samples.jsonl")
     if (force or stale) and int(os.environ.get("RANK", "0")) == 0:
@@ -391,7 +400,14 @@ def run(
             adapter = load_trained(adapter, cfg.train.adapter)
     benchmark = instantiate(cfg.benchmark)
     artifacts = path.with_suffix(".files")
-    outcome = evaluate(adapter, benchmark, seed=cfg.seed, samples_path=samples_file, artifacts_dir=artifacts)
+    outcome = evaluate(
+        adapter,
+        benchmark,
+        seed=cfg.seed,
+        samples_path=samples_file,
+        artifacts_dir=artifacts,
+        task_manager=task_manager,
+    )
     if not outcome:  # non-zero rank: rank 0 writes the files
         return {}
     info = run_info(started, device=str(adapter.device))

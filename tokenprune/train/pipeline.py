@@ -47,7 +47,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     from hydra.utils import instantiate
 
+    from tokenprune.eval import preflight
     from tokenprune.eval.runner import run as evaluate
+    from tokenprune.eval.runner import summary
 
     train = cfg.get("train")
     if not train or "_target_" not in train:
@@ -59,7 +61,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     path = Path(cfg.paths.results) / f"{result_name(resolved, choices())}.json"
     if not cfg.get("force") and (done := finished(path, config_hash(resolved))) is not None:
         log.info("result exists, skipping fit and evaluation (force=true to redo): %s", path)
+        print(summary(done))
         return done
+    preflight.check(cfg)
 
     def build_adapter(dtype: str | None) -> Any:
         overrides = {"dtype": dtype} if dtype else {}
