@@ -6,7 +6,8 @@ command), choices (config group options), config (fully resolved), metrics (`ben
 `train/...`; with compare_to_full also `full/...`, `pct_of_full/...`, `agreement/<task>`), efficiency
 (`visual_tokens_mean/min/max`, `samples`, `failed_samples`, `wall_time_s`), eff (the efficiency
 meter's `eff/<name>` block, tokenprune/eval/meter.py), tasks (where each task's data came from),
-failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL) and, when tasks
+coverage (per task: documents `evaluated` and the task's `size`) and partial (true when some task
+was cut short by `benchmark.limit`; tables mark such results, `is_partial`), failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL) and, when tasks
 wrote submission files, artifacts (the sibling `<name>.files/` folder).
 """
 
@@ -106,6 +107,26 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a tokenprune result file (schema {result.get('schema')!r}, want {SCHEMA!r})"
         )
     return result
+
+
+def is_partial(result: Mapping[str, Any]) -> bool:
+    """True for a result that did not evaluate every document of its tasks.
+
+    Results written before `coverage` was recorded count as partial when their config set a limit.
+    """
+    if "partial" in result:
+        return bool(result["partial"])
+    benchmark = (result.get("config") or {}).get("benchmark") or {}
+    return benchmark.get("limit") is not None
+
+
+def coverage_text(result: Mapping[str, Any]) -> str:
+    """'120 of 300 documents' (summed over tasks), or 'limit=N' for an older result without coverage."""
+    tasks = (result.get("coverage") or {}).values()
+    if tasks:
+        return f"{sum(t['evaluated'] for t in tasks)} of {sum(t['size'] for t in tasks)} documents"
+    limit = ((result.get("config") or {}).get("benchmark") or {}).get("limit")
+    return f"benchmark.limit={limit} per task"
 
 
 def collect(results_dir: str | os.PathLike) -> list[dict[str, Any]]:

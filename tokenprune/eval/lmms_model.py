@@ -30,6 +30,8 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
+from tokenprune.data.images import strict_decoding
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # generation kwargs lmms-eval tasks set that map onto HF generate()
 _GENERATE_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "num_beams")
@@ -162,23 +164,22 @@ class TokenPruneLMM(lmms):
         """The request's images (a video: `video_frames` sampled frames), fully decoded; or the
         reason they could not be read."""
         try:
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-            images = []
-            for visual in visuals:
-                if isinstance(visual, str | os.PathLike):
-                    from tokenprune.eval.video import sample_frames
+            with strict_decoding():  # a truncated image fails; it is not decoded as black
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+                images = []
+                for visual in visuals:
+                    if isinstance(visual, str | os.PathLike):
+                        from tokenprune.eval.video import sample_frames
 
-                    images.extend(sample_frames(visual, self.video_frames))
-                    continue
-                if not isinstance(visual, Image.Image):
-                    return (
-                        [],
-                        f"unsupported visual of type {type(visual).__name__} (this adapter takes images and videos)",
-                    )
-                visual.load()
-                images.append(visual.convert("RGB"))
+                        images.extend(sample_frames(visual, self.video_frames))
+                        continue
+                    if not isinstance(visual, Image.Image):
+                        kind = type(visual).__name__
+                        return [], f"unsupported visual of type {kind} (this adapter takes images and videos)"
+                    visual.load()
+                    images.append(visual.convert("RGB"))
             return images, None
-        except Exception as error:  # a corrupt or missing image or video fails this sample only
+        except Exception as error:  # a corrupt, truncated or missing image or video fails this sample only
             return [], f"{type(error).__name__}: {error}"
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:

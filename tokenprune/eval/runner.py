@@ -216,6 +216,7 @@ def evaluate(
         },
         "eff": eff,
         "tasks": where,
+        "coverage": coverage(output),
     }
     if benchmark.compare_to_full:
         outcome.update(_compare_to_full(adapter, benchmark, specs, task_manager, seed, samples_path, outcome))
@@ -275,6 +276,14 @@ def _pass(
     if lm.store is not None:
         lm.store.finalize(records)
     return output, records
+
+
+def coverage(output: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per task, the documents evaluated and the task's size (fewer with `benchmark.limit`)."""
+    return {
+        task: {"evaluated": int(n["effective"]), "size": int(n["original"])}
+        for task, n in sorted((output.get("n-samples") or {}).items())
+    }
 
 
 def _gather(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
@@ -422,6 +431,8 @@ def run(
         "efficiency": efficiency,
         "eff": outcome["eff"],
         "tasks": outcome["tasks"],
+        "coverage": outcome["coverage"],
+        "partial": any(c["evaluated"] < c["size"] for c in outcome["coverage"].values()),
         "failures": outcome["failures"],
         "samples_file": samples_file.name,
     }
@@ -444,6 +455,9 @@ def summary(result: dict[str, Any]) -> str:
         f"(min {eff['visual_tokens_min']}, max {eff['visual_tokens_max']}); "
         f"samples {eff['samples']}, failed {eff['failed_samples']}; {eff['wall_time_s']} s",
     ]
+    if result.get("partial"):
+        parts = ", ".join(f"{t} {c['evaluated']}/{c['size']}" for t, c in result["coverage"].items())
+        lines.append(f"  PARTIAL (benchmark.limit): {parts} documents; tables mark it with *")
     meter = result.get("eff", {})
     for key in ("eff/flops_prefill_mean", "eff/prefill_flops_ratio", "eff/ttft_ms_mean", "eff/samples_per_s"):
         if meter.get(key) is not None:
