@@ -14,7 +14,7 @@ import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 
-from tokenprune.eval.preflight import UserError
+from tokenprune.config import UserError
 
 EXIT_BAD_INPUT = 2
 # Hydra flags that only print or inspect: nothing runs, nothing to check.

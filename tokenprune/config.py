@@ -13,6 +13,13 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 GROUPS = ("model", "reducer", "benchmark", "train")
 
 
+class UserError(ValueError):
+    """Bad input (config, data, environment): a one-line message naming the problem and the fix.
+
+    The entry points print it as one line and exit with status 2 (`tokenprune.cli`).
+    """
+
+
 def register_resolvers() -> None:
     """`${tp_root:}` is the checkout (or install) root that holds configs/ and outputs/."""
     if not OmegaConf.has_resolver("tp_root"):

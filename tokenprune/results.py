@@ -13,6 +13,7 @@ wrote submission files, artifacts (the sibling `<name>.files/` folder).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,11 +22,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from tokenprune.config import UserError
 
 SCHEMA = "tokenprune.result/1"
 PACKAGES = ("tokenprune", "torch", "transformers", "lmms_eval", "peft", "lightning", "hydra-core", "datasets")
@@ -60,6 +63,64 @@ def finished(path: str | os.PathLike, digest: str) -> dict[str, Any] | None:
         return None
     result = read_result(path)
     return result if result.get("config_hash", digest) == digest else None
+
+
+@contextlib.contextmanager
+def run_lock(result_path: str | os.PathLike) -> Iterator[None]:
+    """Hold `<result>.lock` (holding `<host>:<pid>`) while a run computes that result.
+
+    A second run of the same config (same result path) refuses to start while the first is alive,
+    instead of doing all its work again; a lock left by a process that is gone (same host) is taken
+    over. Re-entrant within one process (the train pipeline holds it across fit and evaluation), and
+    taken by rank 0 only.
+
+    Raises:
+        UserError: another live process holds the lock.
+    """
+    lock = Path(result_path).with_suffix(".lock")
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    if not _rank_zero():
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock.read_text(encoding="utf-8").strip() if lock.exists() else ""
+            if holder == owner:  # this process already holds it
+                yield
+                return
+            host, _, pid = holder.partition(":")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            raise UserError(
+                f"another run (pid {pid or '?'} on {host or '?'}) is computing this result; wait for it "
+                f"(a rerun then reuses its result), or delete {lock} if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(owner)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    raise UserError(f"could not take {lock}; delete it if no run is computing this result")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _rank_zero() -> bool:
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -33,13 +33,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.config import UserError
+
 # The miniature's training recipe and the only model it is for (train.yaml's default stage).
 MINI_RECIPE, MINI_MODEL = "lora_mini", "mini_shapes"
 _TYPED_GROUPS = ("model", "reducer", "benchmark", "train")
-
-
-class UserError(ValueError):
-    """Bad input (config, data, environment): a one-line message naming the problem and the fix."""
 
 
 def check(cfg: DictConfig, overrides: Sequence[str] | None = None, data: bool = True) -> Any:

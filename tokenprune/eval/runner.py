@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.config import choices
-from tokenprune.results import config_hash, finished, result_name, run_info, write_result
+from tokenprune.results import config_hash, finished, result_name, run_info, run_lock, write_result
 
 log = logging.getLogger(__name__)
 PROMPT_SETS = ("lmms_eval", "llava15")
@@ -374,11 +374,6 @@ def run(
     force=true to evaluate again), so a rerun sweep skips what is done; an unfinished one resumes from
     its per-sample records. A result under the same explicit `run.name` from another config is redone.
     """
-    from hydra.utils import instantiate
-
-    from tokenprune.eval import preflight
-    from tokenprune.eval.records import SampleStore
-
     picked = choices()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name, digest = result_name(resolved, picked), config_hash(resolved)
@@ -388,7 +383,30 @@ def run(
         log.info("result exists, skipping (force=true to redo): %s", path)
         print(summary(done))
         return done
+    from tokenprune.eval import preflight
+
     task_manager = preflight.check(cfg) if adapter is None else preflight.check_data(cfg)
+    with run_lock(path):
+        return _evaluate_and_write(cfg, name, digest, picked, resolved, train_metrics, adapter, task_manager)
+
+
+def _evaluate_and_write(
+    cfg: DictConfig,
+    name: str,
+    digest: str,
+    picked: dict[str, str],
+    resolved: Any,
+    train_metrics: dict[str, float] | None,
+    adapter: Any,
+    task_manager: Any,
+) -> dict[str, Any]:
+    """`run` after its checks, holding the result's lock: load the model, evaluate, write the files."""
+    from hydra.utils import instantiate
+
+    from tokenprune.eval.records import SampleStore
+
+    path = Path(cfg.paths.results) / f"{name}.json"
+    force = bool(cfg.get("force"))
     stale = path.exists()  # forced, or another config under the same run.name: its records don't apply
     samples_file = path.with_suffix(".samples.jsonl")
     if (force or stale) and int(os.environ.get("RANK", "0")) == 0:

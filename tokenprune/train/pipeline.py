@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.config import choices
-from tokenprune.results import config_hash, finished, result_name
+from tokenprune.results import config_hash, finished, result_name, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loaded fresh and given the saved adapter (as a later `tokenprune.eval train.adapter=...` run
     would). After a DDP fit started by Lightning only rank 0 evaluates; the other ranks return {}.
     """
-    from hydra.utils import instantiate
 
     from tokenprune.eval import preflight
     from tokenprune.eval.runner import run as evaluate
@@ -64,6 +63,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(summary(done))
         return done
     preflight.check(cfg)
+    with run_lock(path):
+        return _fit_and_evaluate(cfg)
+
+
+def _fit_and_evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the stage (or find it fitted), then evaluate with its saved outputs (holding the run lock)."""
+    from hydra.utils import instantiate
+
+    from tokenprune.eval.runner import run as evaluate
 
     def build_adapter(dtype: str | None) -> Any:
         overrides = {"dtype": dtype} if dtype else {}
