@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tokenprune.data.images import strict_decoding
+from tokenprune.types import NonFiniteSignal
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # generation kwargs lmms-eval tasks set that map onto HF generate()
@@ -132,6 +133,19 @@ class TokenPruneLMM(lmms):
             texts, kept = self.adapter.generate(
                 [s[1] for s in samples], [s[2] for s in samples], timing=timing, **kwargs
             )
+        except NonFiniteSignal as error:  # fail the affected sample(s) only: retry the batch one by one
+            if len(samples) > 1:
+                positions = {s[0] for s in samples}
+                alone = [item for item in batch if item[0] in positions]
+                return records + [r for item in alone for r in self._run_batch([item], answers)]
+            _position, _c, _images, task, doc_id = samples[0]
+            failed = {
+                "task": task,
+                "doc_id": doc_id,
+                "failed": f"NonFiniteSignal: {error}",
+                "visual_tokens": 0,
+            }
+            return [*records, failed]
         finally:
             if aspect is not None:
                 self.adapter.image_aspect = previous

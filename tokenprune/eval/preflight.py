@@ -294,6 +294,15 @@ def check_launcher(launcher: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------- data
+def use_cache(cache: str | None) -> None:
+    """lmms-eval prepares datasets (and takes their file locks) in `<paths.cache>/datasets`, not in the
+    user's home, unless LMMS_EVAL_DATASETS_CACHE is set. The Hugging Face hub cache (HF_HOME), where
+    downloaded benchmarks are looked up, is left alone. Set before lmms-eval's first dataset load
+    (it reads the variable once per process)."""
+    if cache:
+        os.environ.setdefault("LMMS_EVAL_DATASETS_CACHE", str(Path(cache).expanduser() / "datasets"))
+
+
 def check_data(cfg: DictConfig) -> Any:
     """The benchmark's tasks exist and have their data; returns the TaskManager (reused by the run)."""
     from hydra.utils import instantiate
@@ -303,6 +312,7 @@ def check_data(cfg: DictConfig) -> Any:
 
     if "benchmark" not in cfg or "_target_" not in cfg.benchmark:
         return None
+    use_cache(cfg.paths.get("cache"))
     benchmark = instantiate(cfg.benchmark)
     try:
         task_manager = task_manager_for(benchmark)

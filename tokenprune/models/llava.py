@@ -191,7 +191,7 @@ class LlavaAdapter:
                 f"does not compute; available: {[VIT_CLS_ATTN, VIT_KEYS]}"
             )
         features = states[feature_depth][:, 1:]  # [I, N, C] drop CLS ("default" strategy)
-        return VisualTokens(features=features, grid=self.grid, signals=signals)
+        return VisualTokens(features=features, grid=self.grid, signals=signals).require_finite()
 
     def encode_images(self, pixel_values: torch.Tensor) -> EncodedImages:
         """pixel_values [I, 3, S, S] -> per-image reduced LLM-space tokens."""
