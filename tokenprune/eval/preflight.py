@@ -208,6 +208,8 @@ def check_model(cfg: DictConfig) -> None:
     path = model.get("path")
     if not path or model.get("build") or _model_config_file(str(path)) is not None:
         return
+    if Path(str(path)).expanduser().is_absolute() or str(path).startswith((".", "~")):
+        raise UserError(f"model.path={path}: no checkpoint there (no config.json); set model.path=FOLDER")
     raise UserError(
         f"model.path={path}: not a local checkpoint folder nor in the Hugging Face cache; download it "
         f"once on a machine with network access (`huggingface-cli download {path}`) or set model.path=FOLDER"
