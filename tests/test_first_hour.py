@@ -129,6 +129,25 @@ def test_a_fit_without_progress_bar_logs_loss_and_eta(tiny_llava_path, tmp_path,
     assert all(" loss " in line and " s/step, ETA " in line for line in steps), steps
 
 
+def test_lightning_adverts_and_library_deprecations_are_dropped():
+    import warnings
+
+    from tokenprune.train.callbacks import quiet_lightning
+
+    quiet_lightning()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    advert = rank_zero.makeRecord(
+        rank_zero.name, logging.INFO, __file__, 1, "💡 Tip: try litlogger", (), None
+    )
+    banner = rank_zero.makeRecord(rank_zero.name, logging.INFO, __file__, 1, "GPU available: False", (), None)
+    assert not rank_zero.filter(advert) and rank_zero.filter(banner)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning, stacklevel=1
+        )
+    assert caught == []
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (PROJECT_ROOT / "scripts").glob("bench_*.py")))
 def test_every_benchmark_script_runs_in_smoke_mode(script):
     done = subprocess.run(

@@ -466,12 +466,12 @@ def _evaluate_and_write(
 
 def summary(result: dict[str, Any]) -> str:
     """A short human-readable table of a result."""
-    eff = result["efficiency"]
+    eff = result.get("efficiency") or {}
     lines = [
-        f"result {result['name']}",
-        f"  visual tokens kept: mean {eff['visual_tokens_mean']} "
-        f"(min {eff['visual_tokens_min']}, max {eff['visual_tokens_max']}); "
-        f"samples {eff['samples']}, failed {eff['failed_samples']}; {eff['wall_time_s']} s",
+        f"result {result.get('name')}",
+        f"  visual tokens kept: mean {eff.get('visual_tokens_mean')} "
+        f"(min {eff.get('visual_tokens_min')}, max {eff.get('visual_tokens_max')}); "
+        f"samples {eff.get('samples')}, failed {eff.get('failed_samples')}; {eff.get('wall_time_s')} s",
     ]
     if result.get("partial"):
         parts = ", ".join(f"{t} {c['evaluated']}/{c['size']}" for t, c in result["coverage"].items())
@@ -480,7 +480,7 @@ def summary(result: dict[str, Any]) -> str:
     for key in ("eff/flops_prefill_mean", "eff/prefill_flops_ratio", "eff/ttft_ms_mean", "eff/samples_per_s"):
         if meter.get(key) is not None:
             lines.append(f"  {key:<48} {meter[key]:.4g}")
-    metrics = result["metrics"]
+    metrics = result.get("metrics") or {}
     if any(key.startswith("full/") for key in metrics):  # compare_to_full: reduced | unreduced | %
         lines.append(f"  {'metric':<48} {'reduced':>8} {'full':>8} {'% full':>7}")
         for key, value in sorted(metrics.items()):

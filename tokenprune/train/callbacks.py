@@ -10,6 +10,29 @@ from typing import Any
 import lightning as L
 
 log = logging.getLogger("tokenprune.train")
+# Library notices a user of this project cannot act on: Lightning's adverts for its cloud products and
+# deprecation warnings raised inside Lightning / transformers code (not ours).
+_ADVERT = "💡 Tip:"
+_LIBRARY_DEPRECATIONS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"`is_gradient_checkpointing` is deprecated",
+)
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_ADVERT)
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's product adverts and library-internal deprecation warnings from a fit's output."""
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _not_an_advert not in logger.filters:
+            logger.addFilter(_not_an_advert)
+    for message in _LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 class CheckpointAtEnd(L.Callback):

@@ -185,8 +185,9 @@ def build_trainer(
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from tokenprune.train.callbacks import CheckpointAtEnd, ProgressLog
+    from tokenprune.train.callbacks import CheckpointAtEnd, ProgressLog, quiet_lightning
 
+    quiet_lightning()
     loggers = [CSVLogger(save_dir=str(output_dir), name="logs")]
     if callable(logger):  # a partial logger from train/logger (e.g. wandb, offline by default)
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
