@@ -172,3 +172,26 @@ def test_datasets_cache_goes_under_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENPRUNE_CACHE", str(tmp_path / "elsewhere"))
     check_data(compose(["model=tiny_llava", "benchmark=smoke", f"paths.outputs={tmp_path}"]))
     assert os.environ["LMMS_EVAL_DATASETS_CACHE"] == str(tmp_path / "elsewhere" / "datasets")
+
+
+def test_an_evaluation_writes_nothing_outside_outputs_and_flags_its_limit(tmp_path):
+    """The datasets cache and its locks live under outputs/ (not ~/.cache); a limited run says PARTIAL."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        k: v for k, v in ENV.items() if k not in ("HF_HOME", "HF_DATASETS_CACHE", "LMMS_EVAL_DATASETS_CACHE")
+    }
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), TOKENPRUNE_OUTPUTS=str(tmp_path / "out"))
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenprune.eval", "model=tiny_llava", "benchmark=smoke", "benchmark.limit=1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(home.iterdir()) == [], sorted(str(p) for p in home.rglob("*"))[:10]
+    assert any((tmp_path / "out" / "cache" / "datasets").iterdir())
+    assert "PARTIAL (benchmark.limit): tp_smoke_pope 1/" in done.stdout
