@@ -14,9 +14,11 @@ What is checked:
   checkpoint's config says it (a fixed-grid LLaVA);
 * **recipe**: `python -m tokenprune.train` without `train=` trains with the miniature's recipe
   (`lora_mini`) only on the miniature;
+* **model**: the checkpoint is a local folder or in the Hugging Face cache (or built on first use);
 * **environment**: the outputs folder is a writable folder (or can be created), and `launcher=slurm`
   finds SLURM's `srun`;
-* **data**: every task exists and has its data (`tokenprune.eval.runner.resolve_tasks`).
+* **data**: every task exists and has its data (`tokenprune.eval.runner.resolve_tasks`); lmms-eval's
+  datasets cache is put under `paths.cache`.
 """
 
 from __future__ import annotations
@@ -33,26 +35,23 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tokenprune.config import UserError
+from tokenprune.config import UserError, choices
 
 # The miniature's training recipe and the only model it is for (train.yaml's default stage).
 MINI_RECIPE, MINI_MODEL = "lora_mini", "mini_shapes"
 _TYPED_GROUPS = ("model", "reducer", "benchmark", "train")
 
 
-def check(cfg: DictConfig, overrides: Sequence[str] | None = None, data: bool = True) -> Any:
+def check(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Any:
     """Every check below; returns the lmms-eval TaskManager the data check built (or None).
 
     Args:
         cfg: the composed config (eval.yaml or train.yaml).
         overrides: the command line's overrides (None: Hydra's, when a job is running).
-        data: also check the benchmark's tasks and data (imports lmms-eval; a few seconds).
 
     Raises:
         UserError: the first problem found.
     """
-    from tokenprune.config import choices
-
     picked = choices()
     check_types(cfg)
     check_values(cfg)
@@ -60,7 +59,7 @@ def check(cfg: DictConfig, overrides: Sequence[str] | None = None, data: bool = 
     check_recipe(cfg, picked, _overrides() if overrides is None else overrides)
     check_model(cfg)
     check_keep(cfg)
-    return check_data(cfg) if data else None
+    return check_data(cfg)
 
 
 def _overrides() -> list[str]:
@@ -104,13 +103,13 @@ def _check_node(where: str, node: DictConfig) -> None:
                 continue
             fields = ", ".join(p for p in signature.parameters if p not in ("self", "cls"))
             raise UserError(f"{path}: {label} has no parameter {key!r} (its parameters: {fields})")
-        value = node._get_node(key)
+        value = node[key]
         if OmegaConf.is_dict(value) and "_target_" in value:
             _check_node(path, value)
             continue
         if key not in hints:
             continue
-        plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else node[key]
+        plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         if not conforms(plain, hints[key]):
             raise UserError(
                 f"{path}={plain!r} is not a {type_name(hints[key])} ({label}); give e.g. "
