@@ -45,7 +45,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loaded fresh and given the saved adapter (as a later `tokenprune.eval train.adapter=...` run
     would). After a DDP fit started by Lightning only rank 0 evaluates; the other ranks return {}.
     """
-
     from tokenprune.eval import preflight
     from tokenprune.eval.runner import run as evaluate
     from tokenprune.eval.runner import summary
