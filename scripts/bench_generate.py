@@ -4,6 +4,7 @@ Measured side by side in one process on the tiny LLaVA (CPU) or any checkpoint (
 Prints seconds per sample and the batch-N / batch-1 speed-up for each reducer.
 
     python scripts/bench_generate.py [--samples 16] [--batch 8] [--model PATH] [--device cpu|cuda]
+    python scripts/bench_generate.py --smoke     # seconds: checks the script (the test suite runs it)
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 samples, 2 tokens, 1 repeat: checks the script runs"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.samples, args.batch, args.new_tokens, args.repeats = 2, 2, 2, 1
     torch.manual_seed(0)
     path = args.model or str(build_tiny_llava(tempfile.mkdtemp() + "/tiny_llava"))
     adapter = LlavaAdapter.from_pretrained(path, dtype=args.dtype, device=args.device)

@@ -10,6 +10,7 @@ by image with a per-image IQR, the same semantics as the vectorised reducer's de
     .venv/bin/python scripts/bench_reducers.py                  # fp32 on CPU, B in {1, 8, 32}
     .venv/bin/python scripts/bench_reducers.py --device cuda    # fp16 on a GPU
     .venv/bin/python scripts/bench_reducers.py --vit            # also time a random-weight CLIP ViT-L/14-336
+    .venv/bin/python scripts/bench_reducers.py --smoke          # seconds: checks the script (the test suite runs it)
 
 Inputs are CLIP-like (N = 576 patches, C = D = 1024; 20-50 IQR outliers per image). Times are the
 best of `--repeat` runs; on CUDA each run is synchronised.
@@ -116,7 +117,10 @@ def main() -> None:
     parser.add_argument(
         "--vit", action="store_true", help="also time a random-weight CLIP ViT-L/14-336 forward"
     )
+    parser.add_argument("--smoke", action="store_true", help="B = 1, one run: checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.batches, args.repeat = [1], 1
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     device = "cuda" if args.device.startswith("cuda") else args.device
     print(f"torch {torch.__version__}, device {args.device}, {dtype}, threads {torch.get_num_threads()}")

@@ -29,6 +29,13 @@ def work_root() -> Path:
     return PROJECT_ROOT if CONFIG_DIR == PROJECT_ROOT / "configs" else Path.cwd()
 
 
+class UserError(ValueError):
+    """Bad input (config, data, environment): a one-line message naming the problem and the fix.
+
+    The entry points print it as one line and exit with status 2 (`tokenprune.cli`).
+    """
+
+
 def register_resolvers() -> None:
     """`${tp_root:}` (work_root), `${tp_package:}` (the package folder), `${tp_models:}` (shipped models)."""
     resolvers = {

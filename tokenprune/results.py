@@ -6,12 +6,14 @@ command), choices (config group options), config (fully resolved), metrics (`ben
 `train/...`; with compare_to_full also `full/...`, `pct_of_full/...`, `agreement/<task>`), efficiency
 (`visual_tokens_mean/min/max`, `samples`, `failed_samples`, `wall_time_s`), eff (the efficiency
 meter's `eff/<name>` block, tokenprune/eval/meter.py), tasks (where each task's data came from),
-failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL) and, when tasks
+coverage (per task: documents `evaluated` and the task's `size`) and partial (true when some task
+was cut short by `benchmark.limit`; tables mark such results, `is_partial`), failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL) and, when tasks
 wrote submission files, artifacts (the sibling `<name>.files/` folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,13 +22,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from tokenprune.config import UserError
 
 SCHEMA = "tokenprune.result/1"
 PACKAGES = ("tokenprune", "torch", "transformers", "lmms_eval", "peft", "lightning", "hydra-core", "datasets")
@@ -80,6 +84,64 @@ def finished(path: str | os.PathLike, digest: str) -> dict[str, Any] | None:
     return result if result.get("config_hash", digest) == digest else None
 
 
+@contextlib.contextmanager
+def run_lock(result_path: str | os.PathLike) -> Iterator[None]:
+    """Hold `<result>.lock` (holding `<host>:<pid>`) while a run computes that result.
+
+    A second run of the same config (same result path) refuses to start while the first is alive,
+    instead of doing all its work again; a lock left by a process that is gone (same host) is taken
+    over. Re-entrant within one process (the train pipeline holds it across fit and evaluation), and
+    taken by rank 0 only.
+
+    Raises:
+        UserError: another live process holds the lock.
+    """
+    lock = Path(result_path).with_suffix(".lock")
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    if not _rank_zero():
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock.read_text(encoding="utf-8").strip() if lock.exists() else ""
+            if holder == owner:  # this process already holds it
+                yield
+                return
+            host, _, pid = holder.partition(":")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            raise UserError(
+                f"another run (pid {pid or '?'} on {host or '?'}) is computing this result; wait for it "
+                f"(a rerun then reuses its result), or delete {lock} if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(owner)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    raise UserError(f"could not take {lock}; delete it if no run is computing this result")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _rank_zero() -> bool:
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` through a temp file in the same folder and a rename: never half-written."""
     path = Path(path)
@@ -125,6 +187,26 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a tokenprune result file (schema {result.get('schema')!r}, want {SCHEMA!r})"
         )
     return result
+
+
+def is_partial(result: Mapping[str, Any]) -> bool:
+    """True for a result that did not evaluate every document of its tasks.
+
+    Results written before `coverage` was recorded count as partial when their config set a limit.
+    """
+    if "partial" in result:
+        return bool(result["partial"])
+    benchmark = (result.get("config") or {}).get("benchmark") or {}
+    return benchmark.get("limit") is not None
+
+
+def coverage_text(result: Mapping[str, Any]) -> str:
+    """'120 of 300 documents' (summed over tasks), or 'limit=N' for an older result without coverage."""
+    tasks = (result.get("coverage") or {}).values()
+    if tasks:
+        return f"{sum(t['evaluated'] for t in tasks)} of {sum(t['size'] for t in tasks)} documents"
+    limit = ((result.get("config") or {}).get("benchmark") or {}).get("limit")
+    return f"benchmark.limit={limit} per task"
 
 
 def collect(results_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -71,6 +71,29 @@ class VisualTokens:
         if h * w != self.features.shape[1]:
             raise ValueError(f"grid {self.grid} does not match N={self.features.shape[1]} patches")
 
+    def require_finite(self) -> VisualTokens:
+        """Self, after checking every floating-point signal is finite (one host sync per batch).
+
+        Adapters call it before reducing: a NaN or inf in a signal (e.g. the CLS attention of a
+        degenerate image) would otherwise silently change what the reducer keeps.
+
+        Raises:
+            NonFiniteSignal: naming the signal and the rows (images) affected.
+        """
+        for name, value in self.signals.items():
+            if value.is_floating_point():
+                bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(-1)  # [B]
+                if bool(bad.any()):
+                    rows = bad.nonzero().flatten().tolist()
+                    raise NonFiniteSignal(
+                        f"signal {name} has NaN/inf values (image rows {rows} of the batch)"
+                    )
+        return self
+
+
+class NonFiniteSignal(ValueError):
+    """A signal a reducer reads holds NaN or inf; the affected samples fail instead of being reduced."""
+
 
 @dataclass
 class Reduced:

@@ -22,7 +22,24 @@ from tokenprune.results import atomic_write_bytes
 from tokenprune.types import VisualTokens
 
 register_resolvers()
-HEADER = 22  # title bar height in pixels
+HEADER = 22  # title bar height in pixels for one line of title
+LINE = 12  # height of each further title line
+
+
+def header_height(lines: int) -> int:
+    """Height of a title bar holding `lines` lines of text."""
+    return HEADER + LINE * (lines - 1)
+
+
+def wrap(text: str, width: int, pen: ImageDraw.ImageDraw) -> list[str]:
+    """Words of `text` in lines no wider than `width` pixels (a single long word gets its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and pen.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def kept_and_merged(
@@ -68,9 +85,10 @@ def draw(view: Image.Image, grid: tuple[int, int], kept, merged, n: int, extra: 
     for colour, patch in zip(colours, kept.tolist()):
         pen.rectangle(box(patch), outline=(*colour, 255), width=max(1, scale))
     canvas = Image.alpha_composite(canvas, overlay)
-    header = Image.new("RGBA", (canvas.width, HEADER), (255, 255, 255, 255))
     label = f"{title}: {len(kept)}{' + 1 merged extra' if extra else ''} of {n} tokens"
-    ImageDraw.Draw(header).text((4, 5), label, fill=(0, 0, 0, 255))
+    lines = wrap(label, canvas.width - 8, ImageDraw.Draw(canvas))  # the whole title, at any scale
+    header = Image.new("RGBA", (canvas.width, header_height(len(lines))), (255, 255, 255, 255))
+    ImageDraw.Draw(header).multiline_text((4, 5), "\n".join(lines), fill=(0, 0, 0, 255), spacing=LINE - 10)
     out = Image.new("RGB", (canvas.width, canvas.height + header.height), "white")
     out.paste(header.convert("RGB"), (0, 0))
     out.paste(canvas.convert("RGB"), (0, header.height))

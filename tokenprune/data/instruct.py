@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from tokenprune.data.images import strict_decoding
 from tokenprune.models.llava import LLAVA15_SYSTEM
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def open_image(path: Path) -> Image.Image | str:
     if not path.is_file():
         return MISSING_IMAGE
     try:
-        with Image.open(path) as image:
+        with strict_decoding(), Image.open(path) as image:
             return image.convert("RGB")  # decodes fully: truncated files fail here
     except (OSError, ValueError, Image.DecompressionBombError):
         return CORRUPT_IMAGE

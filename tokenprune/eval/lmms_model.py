@@ -31,8 +31,9 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
+from tokenprune.data.images import strict_decoding
 from tokenprune.models.base import Adapter
-from tokenprune.types import Video
+from tokenprune.types import NonFiniteSignal, Video
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # generation kwargs lmms-eval tasks set that map onto HF generate()
@@ -139,6 +140,19 @@ class TokenPruneLMM(lmms):
             texts, kept = self.adapter.generate(
                 [s[1] for s in samples], [s[2] for s in samples], **media, timing=timing, **kwargs
             )
+        except NonFiniteSignal as error:  # fail the affected sample(s) only: retry the batch one by one
+            if len(samples) > 1:
+                positions = {s[0] for s in samples}
+                alone = [item for item in batch if item[0] in positions]
+                return records + [r for item in alone for r in self._run_batch([item], answers)]
+            _position, _c, _images, _videos, task, doc_id = samples[0]
+            failed = {
+                "task": task,
+                "doc_id": doc_id,
+                "failed": f"NonFiniteSignal: {error}",
+                "visual_tokens": 0,
+            }
+            return [*records, failed]
         finally:
             if aspect is not None:
                 self.adapter.image_aspect = previous
@@ -176,29 +190,31 @@ class TokenPruneLMM(lmms):
         """The request's images and videos (`video_frames` sampled frames each: one `Video` for a
         video-capable adapter, else that many images), fully decoded; or why they could not be read."""
         try:
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-            images: list[Image.Image] = []
-            videos: list[Video] = []
-            for visual in visuals:
-                if isinstance(visual, str | os.PathLike):
-                    from tokenprune.eval.video import sample_frames
+            with strict_decoding():  # a truncated image fails; it is not decoded as black
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+                images: list[Image.Image] = []
+                videos: list[Video] = []
+                for visual in visuals:
+                    if isinstance(visual, str | os.PathLike):
+                        from tokenprune.eval.video import sample_frames
 
-                    frames = sample_frames(visual, self.video_frames)
-                    if self.adapter.capabilities.supports_video:
-                        videos.append(Video(frames))
-                    else:
-                        images.extend(frames)
-                    continue
-                if not isinstance(visual, Image.Image):
-                    return (
-                        [],
-                        [],
-                        f"unsupported visual of type {type(visual).__name__} (this adapter takes images and videos)",
-                    )
-                visual.load()
-                images.append(visual.convert("RGB"))
+                        frames = sample_frames(visual, self.video_frames)
+                        if self.adapter.capabilities.supports_video:
+                            videos.append(Video(frames))
+                        else:
+                            images.extend(frames)
+                        continue
+                    if not isinstance(visual, Image.Image):
+                        kind = type(visual).__name__
+                        return (
+                            [],
+                            [],
+                            f"unsupported visual of type {kind} (this adapter takes images and videos)",
+                        )
+                    visual.load()
+                    images.append(visual.convert("RGB"))
             return images, videos, None
-        except Exception as error:  # a corrupt or missing image or video fails this sample only
+        except Exception as error:  # a corrupt, truncated or missing image or video fails this sample only
             return [], [], f"{type(error).__name__}: {error}"
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:

@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.config import choices
-from tokenprune.results import config_hash, finished, result_name, run_info, write_result
+from tokenprune.results import config_hash, finished, result_name, run_info, run_lock, write_result
 
 log = logging.getLogger(__name__)
 PROMPT_SETS = ("lmms_eval", "llava15")
@@ -90,7 +90,11 @@ def _environment() -> None:
     logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"))
 
 
+_TASK_MANAGERS: dict[str | None, Any] = {}  # indexing lmms-eval's tasks takes seconds: once per folder
+
+
 def task_manager_for(benchmark: Benchmark) -> Any:
+    """lmms-eval's TaskManager with the benchmark's include_path (built once per process and folder)."""
     from lmms_eval.tasks import TaskManager
 
     _environment()
@@ -98,7 +102,9 @@ def task_manager_for(benchmark: Benchmark) -> Any:
         raise FileNotFoundError(
             f"benchmark.include_path {benchmark.include_path} is not a folder of task YAMLs"
         )
-    return TaskManager(include_path=benchmark.include_path)
+    if benchmark.include_path not in _TASK_MANAGERS:
+        _TASK_MANAGERS[benchmark.include_path] = TaskManager(include_path=benchmark.include_path)
+    return _TASK_MANAGERS[benchmark.include_path]
 
 
 def resolve_tasks(
@@ -210,6 +216,7 @@ def evaluate(
         },
         "eff": eff,
         "tasks": where,
+        "coverage": coverage(output),
     }
     if benchmark.compare_to_full:
         outcome.update(_compare_to_full(adapter, benchmark, specs, task_manager, seed, samples_path, outcome))
@@ -269,6 +276,14 @@ def _pass(
     if lm.store is not None:
         lm.store.finalize(records)
     return output, records
+
+
+def coverage(output: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per task, the documents evaluated and the task's size (fewer with `benchmark.limit`)."""
+    return {
+        task: {"evaluated": int(n["effective"]), "size": int(n["original"])}
+        for task, n in sorted((output.get("n-samples") or {}).items())
+    }
 
 
 def _gather(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
@@ -359,10 +374,6 @@ def run(
     force=true to evaluate again), so a rerun sweep skips what is done; an unfinished one resumes from
     its per-sample records. A result under the same explicit `run.name` from another config is redone.
     """
-    from hydra.utils import instantiate
-
-    from tokenprune.eval.records import SampleStore
-
     picked = choices()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name, digest = result_name(cfg, picked), config_hash(cfg)
@@ -370,7 +381,32 @@ def run(
     force = bool(cfg.get("force"))
     if not force and (done := finished(path, digest)) is not None:
         log.info("result exists, skipping (force=true to redo): %s", path)
+        print(summary(done))
         return done
+    from tokenprune.eval import preflight
+
+    task_manager = preflight.check(cfg) if adapter is None else preflight.check_data(cfg)
+    with run_lock(path):
+        return _evaluate_and_write(cfg, name, digest, picked, resolved, train_metrics, adapter, task_manager)
+
+
+def _evaluate_and_write(
+    cfg: DictConfig,
+    name: str,
+    digest: str,
+    picked: dict[str, str],
+    resolved: Any,
+    train_metrics: dict[str, float] | None,
+    adapter: Any,
+    task_manager: Any,
+) -> dict[str, Any]:
+    """`run` after its checks, holding the result's lock: load the model, evaluate, write the files."""
+    from hydra.utils import instantiate
+
+    from tokenprune.eval.records import SampleStore
+
+    path = Path(cfg.paths.results) / f"{name}.json"
+    force = bool(cfg.get("force"))
     stale = path.exists()  # forced, or another config under the same run.name: its records don't apply
     samples_file = path.with_suffix(".samples.jsonl")
     if (force or stale) and int(os.environ.get("RANK", "0")) == 0:
@@ -391,7 +427,14 @@ def run(
             adapter = load_trained(adapter, cfg.train.adapter)
     benchmark = instantiate(cfg.benchmark)
     artifacts = path.with_suffix(".files")
-    outcome = evaluate(adapter, benchmark, seed=cfg.seed, samples_path=samples_file, artifacts_dir=artifacts)
+    outcome = evaluate(
+        adapter,
+        benchmark,
+        seed=cfg.seed,
+        samples_path=samples_file,
+        artifacts_dir=artifacts,
+        task_manager=task_manager,
+    )
     if not outcome:  # non-zero rank: rank 0 writes the files
         return {}
     info = run_info(started, device=str(adapter.device))
@@ -406,6 +449,8 @@ def run(
         "efficiency": efficiency,
         "eff": outcome["eff"],
         "tasks": outcome["tasks"],
+        "coverage": outcome["coverage"],
+        "partial": any(c["evaluated"] < c["size"] for c in outcome["coverage"].values()),
         "failures": outcome["failures"],
         "samples_file": samples_file.name,
     }
@@ -421,18 +466,21 @@ def run(
 
 def summary(result: dict[str, Any]) -> str:
     """A short human-readable table of a result."""
-    eff = result["efficiency"]
+    eff = result.get("efficiency") or {}
     lines = [
-        f"result {result['name']}",
-        f"  visual tokens kept: mean {eff['visual_tokens_mean']} "
-        f"(min {eff['visual_tokens_min']}, max {eff['visual_tokens_max']}); "
-        f"samples {eff['samples']}, failed {eff['failed_samples']}; {eff['wall_time_s']} s",
+        f"result {result.get('name')}",
+        f"  visual tokens kept: mean {eff.get('visual_tokens_mean')} "
+        f"(min {eff.get('visual_tokens_min')}, max {eff.get('visual_tokens_max')}); "
+        f"samples {eff.get('samples')}, failed {eff.get('failed_samples')}; {eff.get('wall_time_s')} s",
     ]
+    if result.get("partial"):
+        parts = ", ".join(f"{t} {c['evaluated']}/{c['size']}" for t, c in result["coverage"].items())
+        lines.append(f"  PARTIAL (benchmark.limit): {parts} documents; tables mark it with *")
     meter = result.get("eff", {})
     for key in ("eff/flops_prefill_mean", "eff/prefill_flops_ratio", "eff/ttft_ms_mean", "eff/samples_per_s"):
         if meter.get(key) is not None:
             lines.append(f"  {key:<48} {meter[key]:.4g}")
-    metrics = result["metrics"]
+    metrics = result.get("metrics") or {}
     if any(key.startswith("full/") for key in metrics):  # compare_to_full: reduced | unreduced | %
         lines.append(f"  {'metric':<48} {'reduced':>8} {'full':>8} {'% full':>7}")
         for key, value in sorted(metrics.items()):

@@ -172,7 +172,7 @@ def reduce_views(reducer: Reducer, views: Sequence[View]) -> list[ReducedView]:
         names = sorted(views[members[0]].signals)
         features = torch.stack([views[i].features for i in members])  # [V, N, D]
         signals = {name: torch.stack([views[i].signals[name] for i in members]) for name in names}
-        tokens = VisualTokens(features=features, grid=grid, signals=signals)
+        tokens = VisualTokens(features=features, grid=grid, signals=signals).require_finite()
         reduced = reducer(tokens)
         unchanged = reduced.features is tokens.features
         for row, (i, n) in enumerate(zip(members, reduced.lengths.tolist())):

@@ -193,7 +193,7 @@ class LlavaAdapter(AdapterCore):
                 f"does not compute; available: {list(self.capabilities.signals)}"
             )
         features = states[feature_depth][:, 1:]  # [I, N, C] drop CLS ("default" strategy)
-        return VisualTokens(features=features, grid=self.grid, signals=signals)
+        return VisualTokens(features=features, grid=self.grid, signals=signals).require_finite()
 
     def encode_images(self, pixel_values: torch.Tensor) -> EncodedImages:
         """pixel_values [I, 3, S, S] -> per-image reduced LLM-space tokens."""

@@ -10,6 +10,9 @@ from typing import Any
 
 import yaml
 
+from tokenprune.results import coverage_text, is_partial
+
+PARTIAL = "*"  # appended to the label of a row with a partial result (benchmark.limit), with a note
 PUBLISHED = Path(__file__).resolve().parent / "published.yaml"
 CHOICE_KEYS = ("model", "reducer", "benchmark", "train")  # read from a result's `choices`
 # Efficiency columns appended to every table (unless `efficiency: false`): id, label, source, published key.
@@ -264,6 +267,13 @@ def build_table(
             row.ours[col.id] = value
         for (n, chosen), labels in ambiguous.items():
             row.notes.append(f"{n} results match ({', '.join(labels)}); the newest is used: {chosen}")
+        partial = [r for r in results if r["name"] in row.results and is_partial(r)]
+        if partial:
+            row.label = f"{row.label} {PARTIAL}"
+            for r in partial:
+                row.notes.append(
+                    f"{PARTIAL} partial result {r['name']}: {coverage_text(r)}, not comparable with full runs"
+                )
         for col in columns:
             if col.kind == "mean":
                 parts = [row.ours.get(i) for i in col.mean_of]

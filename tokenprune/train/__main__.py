@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from tokenprune.cli import one_line_errors, preflight
 from tokenprune.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()
@@ -12,8 +13,10 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     from tokenprune.train.pipeline import run
 
-    run(cfg)
+    with one_line_errors():
+        run(cfg)
 
 
 if __name__ == "__main__":
+    preflight("train")
     main()

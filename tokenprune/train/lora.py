@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,7 +57,8 @@ class TrainerSettings:
         gradient_checkpointing: recompute the LLM's activations in the backward (memory for time).
         log_every_n_steps: logging interval.
         checkpoint_every_n_steps: write checkpoints/last.ckpt every this many optimizer steps.
-        enable_progress_bar: Lightning's progress bar.
+        enable_progress_bar: Lightning's progress bar; off, a line every `log_every_n_steps` steps with
+            the loss, speed and ETA (`tokenprune.train.callbacks.ProgressLog`).
         slurm_requeue: under SLURM, requeue the job on the preemption/timeout signal (a checkpoint
             is saved first; `train.resume=auto` picks it up).
     """
@@ -185,8 +185,9 @@ def build_trainer(
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from tokenprune.train.callbacks import CheckpointAtEnd
+    from tokenprune.train.callbacks import CheckpointAtEnd, ProgressLog, quiet_lightning
 
+    quiet_lightning()
     loggers = [CSVLogger(save_dir=str(output_dir), name="logs")]
     if callable(logger):  # a partial logger from train/logger (e.g. wandb, offline by default)
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -221,6 +222,7 @@ def build_trainer(
             checkpoint,
             CheckpointAtEnd(output_dir / "checkpoints"),
             LearningRateMonitor(logging_interval="step"),
+            *([] if settings.enable_progress_bar else [ProgressLog(settings.log_every_n_steps)]),
             *(callbacks or []),
         ],
         plugins=plugins,
@@ -323,9 +325,8 @@ class LoraStage:
         launched_outside = TorchElasticEnvironment.detect()  # torchrun: every rank joins the evaluation
         # the DataModule checkpoints its position in the epoch (the DataLoader itself does not)
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-        started = time.monotonic()
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint)
-        wall = time.monotonic() - started
+        wall = module.wall_time()
         adapter.model.eval()
         skipped = data.skipped_at_load + module.skipped_counts()
         if skipped:
@@ -371,7 +372,8 @@ class LoraStage:
 def _fit_metrics(
     trainer: Any, module: Any, peft_model: Any, batch_size: int, wall: float, skipped: int
 ) -> dict[str, float]:
-    """`train/*` metrics of a fit (this process's view; the losses of the micro-batches it ran)."""
+    """`train/*` metrics of a fit (this process's view; the losses of the micro-batches of the whole
+    run, earlier segments of a resumed fit included, and its fitting time over all segments)."""
     accumulate = trainer.accumulate_grad_batches
     metrics = {
         "train/steps": float(trainer.global_step),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,8 @@ class LoraModule(L.LightningModule):
         self.losses: list[float] = []  # per micro-batch
         self.visual_tokens: list[float] = []  # per micro-batch, mean kept tokens per image sample
         self.skipped: dict[str, str] = {}  # sample id -> reason, found while reading samples
+        self.wall_before = 0.0  # seconds of fitting in earlier segments of a resumed run
+        self._segment_start = time.monotonic()
         self._rng_to_restore: dict[str, Any] | None = None
 
     @property
@@ -68,6 +71,7 @@ class LoraModule(L.LightningModule):
         self.adapter.model.train()
 
     def on_train_start(self) -> None:
+        self._segment_start = time.monotonic()
         if self._rng_to_restore is not None:
             torch.set_rng_state(self._rng_to_restore["torch"])
             if torch.cuda.is_available() and self._rng_to_restore.get("cuda"):
@@ -133,10 +137,24 @@ class LoraModule(L.LightningModule):
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["tokenprune_rng"] = rng
         checkpoint["tokenprune_skipped"] = dict(self.skipped)
+        # the whole run's bookkeeping, so that a resumed fit reports whole-run train/* metrics
+        checkpoint["tokenprune_progress"] = {
+            "losses": list(self.losses),
+            "visual_tokens": list(self.visual_tokens),
+            "wall_s": self.wall_time(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("tokenprune_rng")
         self.skipped.update(checkpoint.get("tokenprune_skipped", {}))
+        progress = checkpoint.get("tokenprune_progress") or {}
+        self.losses = list(progress.get("losses", [])) + self.losses
+        self.visual_tokens = list(progress.get("visual_tokens", [])) + self.visual_tokens
+        self.wall_before = float(progress.get("wall_s", 0.0))
+
+    def wall_time(self) -> float:
+        """Seconds spent fitting, over every segment of a resumed run."""
+        return self.wall_before + time.monotonic() - self._segment_start
 
     def skipped_counts(self) -> Counter[str]:
         return Counter(self.skipped.values())

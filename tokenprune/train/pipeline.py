@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tokenprune.config import choices
-from tokenprune.results import config_hash, finished, location_free, result_name
+from tokenprune.results import config_hash, finished, location_free, result_name, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loaded fresh and given the saved adapter (as a later `tokenprune.eval train.adapter=...` run
     would). After a DDP fit started by Lightning only rank 0 evaluates; the other ranks return {}.
     """
-    from hydra.utils import instantiate
-
+    from tokenprune.eval import preflight
     from tokenprune.eval.runner import run as evaluate
+    from tokenprune.eval.runner import summary
 
     train = cfg.get("train")
     if not train or "_target_" not in train:
@@ -58,7 +58,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     path = Path(cfg.paths.results) / f"{result_name(cfg, choices())}.json"
     if not cfg.get("force") and (done := finished(path, config_hash(cfg))) is not None:
         log.info("result exists, skipping fit and evaluation (force=true to redo): %s", path)
+        print(summary(done))
         return done
+    preflight.check(cfg)
+    with run_lock(path):
+        return _fit_and_evaluate(cfg)
+
+
+def _fit_and_evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the stage (or find it fitted), then evaluate with its saved outputs (holding the run lock)."""
+    from hydra.utils import instantiate
+
+    from tokenprune.eval.runner import run as evaluate
 
     def build_adapter(dtype: str | None) -> Any:
         overrides = {"dtype": dtype} if dtype else {}
