@@ -50,6 +50,19 @@ def refused(tmp_path: Path, *overrides: str, config: str = "eval", match: str) -
 
 
 # ---------------------------------------------------------------------------------------- config values
+def test_every_shipped_option_and_experiment_passes_the_type_check():
+    """No false refusals: each group option and each experiment type-checks as shipped."""
+    from tokenprune.config import GROUPS, group_options
+    from tokenprune.eval.preflight import check_types, check_values
+
+    cases = [[f"{g}={o}"] for g in GROUPS for o in group_options(g)]
+    cases += [[f"experiment={e}"] for e in group_options("experiment")]
+    for overrides in cases:  # train.yaml: the same groups as eval.yaml, with a train stage to check
+        cfg = compose(overrides, config_name="train")
+        check_types(cfg)
+        check_values(cfg)
+
+
 def test_limit_zero_is_refused_before_the_model_loads(tmp_path):
     refused(tmp_path, "benchmark.limit=0", match=r"benchmark\.limit=0 evaluates nothing.*N >= 1")
 
