@@ -50,6 +50,19 @@ def refused(tmp_path: Path, *overrides: str, config: str = "eval", match: str) -
 
 
 # ---------------------------------------------------------------------------------------- config values
+def test_every_shipped_option_and_experiment_passes_the_type_check():
+    """No false refusals: each group option and each experiment type-checks as shipped."""
+    from tokenprune.config import GROUPS, group_options
+    from tokenprune.eval.preflight import check_types, check_values
+
+    cases = [[f"{g}={o}"] for g in GROUPS for o in group_options(g)]
+    cases += [[f"experiment={e}"] for e in group_options("experiment")]
+    for overrides in cases:  # train.yaml: the same groups as eval.yaml, with a train stage to check
+        cfg = compose(overrides, config_name="train")
+        check_types(cfg)
+        check_values(cfg)
+
+
 def test_limit_zero_is_refused_before_the_model_loads(tmp_path):
     refused(tmp_path, "benchmark.limit=0", match=r"benchmark\.limit=0 evaluates nothing.*N >= 1")
 
@@ -180,6 +193,20 @@ def test_second_identical_run_is_refused_while_the_first_is_alive(tmp_path):
     assert not result.with_suffix(".lock").exists()
 
 
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
+    from tokenprune.results import run_lock
+
+    result = tmp_path / "x.json"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    result.with_suffix(".lock").write_text("other-node:1234:77_4")  # another task of the array: alive
+    with pytest.raises(UserError, match="another run"), run_lock(result):
+        pass
+    result.with_suffix(".lock").write_text("other-node:1234:77_3")  # this task's earlier attempt
+    with run_lock(result):
+        assert result.with_suffix(".lock").read_text().endswith(":77_3")
+
+
 def _cli(tmp_path: Path, *args: str, module: str = "tokenprune.eval") -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -215,9 +242,10 @@ def _png(rng: np.random.Generator, size: int = 96) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture()
-def bad_images_task(tmp_path) -> Path:
-    """A POPE-schema task of 5 rows: good, truncated PNG, undecodable bytes, no image, good."""
+@pytest.fixture(scope="module")
+def bad_images_task(tmp_path_factory) -> Path:
+    """A POPE-schema task of 5 rows: good, truncated PNG, undecodable bytes, no image, good (one folder
+    per module, so the runner's lmms-eval TaskManager for it is built once)."""
     table = pq.read_table(CORRUPT_DIR / "data" / "pope_corrupt.parquet")
     template = table.to_pylist()[0]
     rng = np.random.default_rng(0)
@@ -232,7 +260,7 @@ def bad_images_task(tmp_path) -> Path:
     rows = [
         {**template, "id": str(i), "question_id": str(i), "image": image} for i, image in enumerate(images)
     ]
-    folder = tmp_path / "tasks"
+    folder = tmp_path_factory.mktemp("tasks")
     (folder / "data").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), folder / "data" / "bad.parquet")
     spec = (CORRUPT_DIR / "tp_smoke_corrupt.yaml").read_text()

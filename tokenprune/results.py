@@ -86,18 +86,20 @@ def finished(path: str | os.PathLike, digest: str) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def run_lock(result_path: str | os.PathLike) -> Iterator[None]:
-    """Hold `<result>.lock` (holding `<host>:<pid>`) while a run computes that result.
+    """Hold `<result>.lock` (holding `<host>:<pid>[:<SLURM job>]`) while a run computes that result.
 
     A second run of the same config (same result path) refuses to start while the first is alive,
-    instead of doing all its work again; a lock left by a process that is gone (same host) is taken
-    over. Re-entrant within one process (the train pipeline holds it across fit and evaluation), and
-    taken by rank 0 only.
+    instead of doing all its work again. A lock is taken over when its process is gone (same host),
+    or when it was left by an earlier attempt of the same SLURM job (a requeue, on any node).
+    Re-entrant within one process (the train pipeline holds it across fit and evaluation), and taken
+    by rank 0 only.
 
     Raises:
         UserError: another live process holds the lock.
     """
     lock = Path(result_path).with_suffix(".lock")
-    owner = f"{socket.gethostname()}:{os.getpid()}"
+    job = _slurm_job()
+    owner = f"{socket.gethostname()}:{os.getpid()}" + (f":{job}" if job else "")
     if not _rank_zero():
         yield
         return
@@ -110,9 +112,10 @@ def run_lock(result_path: str | os.PathLike) -> Iterator[None]:
             if holder == owner:  # this process already holds it
                 yield
                 return
-            host, _, pid = holder.partition(":")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                lock.unlink(missing_ok=True)  # stale: its owner is gone
+            host, pid, held_by_job = [*holder.split(":", 2), "", ""][:3]
+            gone = host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+            if gone or (job and held_by_job == job):  # stale: its owner is gone, or was requeued
+                lock.unlink(missing_ok=True)
                 continue
             raise UserError(
                 f"another run (pid {pid or '?'} on {host or '?'}) is computing this result; wait for it "
@@ -126,6 +129,12 @@ def run_lock(result_path: str | os.PathLike) -> Iterator[None]:
             lock.unlink(missing_ok=True)
         return
     raise UserError(f"could not take {lock}; delete it if no run is computing this result")
+
+
+def _slurm_job() -> str:
+    """This process's SLURM job (array jobs: `<array job>_<task>`), or '' outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
 
 
 def _alive(pid: int) -> bool:
