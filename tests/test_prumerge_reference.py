@@ -126,7 +126,11 @@ def oracle(
         a32 = attn[i].tolist()
         by_attention = sorted(range(n), key=lambda j: (-a32[j], j))  # descending, ties: lower index
         # step 2: selection (and PruMerge+ grid points)
-        if plus == "fixed":
+        if plus == "reference_fixed":  # the authors' if_adaptive=False branch, ratio 1/8
+            k = int(n * (1 / 8))
+            idx = by_attention[:k] + list(range(4, n - 1, 8))  # duplicates kept
+            assert len(idx) == 2 * k
+        elif plus == "fixed":
             k = budget // 2 if top_k is None else top_k
             idx = by_attention[:k]
             lattice = uniform_indices(budget - k, tokens.grid).tolist() if budget > k else []
@@ -143,7 +147,9 @@ def oracle(
                 stride = max(step // 3, 1)
                 grid_points = list(range(0, n - 1, stride))
                 idx = idx + [p for p in grid_points if p not in set(idx)]
-        complement = sorted(set(range(n)) - set(idx))
+        # the reference's complement: zero the selected positions of 0..N-1, sort, drop len(idx) entries
+        # (with repeated slots it drops genuine unkept patches too)
+        complement = sorted(0 if p in set(idx) else p for p in range(n))[len(idx) :]
 
         # step 3: merge each kept patch with its knn_k most similar other patches (key cosine)
         x = x_all[i]
@@ -250,6 +256,27 @@ def test_fp32_neighbour_sets_match_the_oracle() -> None:
             assert sorted(got.tolist()) == sorted(nb), f"image {i} slot {slot}: neighbour sets differ"
             cosines = unit[i, got] @ unit[i, int(plan.order[i, slot])]  # [k], in our order
             assert (cosines.diff() <= 1e-6).all(), "neighbours are not in descending cosine order"
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_prumerge_plus_reference_fixed_matches_oracle(b: int) -> None:
+    """The authors' fixed branch: 72 top patches + columns 4/12/20 with duplicates, their complement."""
+    tokens = make_tokens(b, seed=21 + b, dim=256)
+    expected = oracle(tokens, plus="reference_fixed")
+    out = PruMergePlus(grid="reference_fixed")(tokens)
+    assert_matches(out, expected)
+    assert out.lengths.tolist() == [145] * b
+    grid = set(range(4, 575, 8))
+    assert {c % 24 for c in grid} == {4, 12, 20} and len(grid) == 72
+    repeats = [72 - len(set(idx[:72]) - grid) for _, idx in expected]
+    assert max(repeats) > 0, "the test needs a top patch on the grid (a duplicate slot)"
+    for i, (_, idx) in enumerate(expected):  # a duplicate slot names the same patch twice
+        assert len(set(idx[:144])) == 144 - repeats[i]
+
+
+def test_reference_fixed_needs_the_reference_grid_size() -> None:
+    with pytest.raises(ValueError, match="reference_fixed needs N // 8"):
+        PruMergePlus(grid="reference_fixed")(make_tokens(1, grid=(5, 6), dim=32))  # 3 vs 4 points
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reduced, Space, VisualToken
 Scope = Literal["image", "batch"]
 Merge = Literal["reference", "average", "none"]
 Order = Literal["reference", "spatial"]
-Grid = Literal["adaptive", "fixed"]
+Grid = Literal["adaptive", "fixed", "reference_fixed"]
 
 
 @dataclass
@@ -42,7 +42,8 @@ class MergePlan:
 
     Attributes:
         order: [B, N] long; per image a permutation of the patches: the kept ones in output order
-            (descending attention, then grid points ascending), then the others ascending.
+            (descending attention, then grid points ascending), then the others ascending
+            (grid="reference_fixed": kept slots may repeat a patch, and as many unkept ones are missing).
         kept: [B] long; M_b, the number of kept patches (the extra token not counted).
         neighbours: [B, Mmax, k] long; for kept slot i, the k other patches with the most similar
             keys, most similar first. Rows at or past `kept[b]` are filler.
@@ -77,9 +78,8 @@ class PruMerge:
 
     space: ClassVar[Space] = "vision"
     requires: ClassVar[tuple[str, ...]] = (VIT_CLS_ATTN, VIT_KEYS)
-    merge_chunk: int | None = (
-        None  # images merged per pass (None: auto, see `prumerge_merge.reduce_plan`); not a config field
-    )
+    # images merged per pass (None: auto, see `prumerge_merge.reduce_plan`); not a config field
+    merge_chunk: int | None = None
 
     def __init__(
         self,
@@ -128,7 +128,13 @@ class PruMergePlus:
     Args:
         grid: "adaptive" adds the reference's raster grid {0, s, 2s, ...} < N - 1 with
             s = floor(floor(1 / r) / 3), r the outlier ratio (about 3 m extra patches); "fixed" keeps
-            exactly `budget` patches: the `top_k` highest-attention ones plus a 2-D uniform grid.
+            exactly `budget` patches: the `top_k` highest-attention ones plus a 2-D uniform grid;
+            "reference_fixed" is the authors' fixed branch (`if_adaptive=False`, the only one of theirs
+            that runs at B > 1): the N // 8 highest-attention patches, then the raster points
+            {4, 12, 20, ...} < N - 1 (columns 4, 12, 20 at 24 x 24) *without* de-duplication, and the
+            reference's complement, which drops the d smallest unkept patches when d points repeat a
+            top patch: 2 N // 8 kept slots (144 at N = 576) + the extra token. `budget`, `top_k` and
+            the IQR fields are unused; it needs N // 8 raster points (true at N = 576, as the reference).
         budget: patches kept with grid="fixed" (extra token not counted; >= N keeps the input as is).
         top_k: top-attention patches within the fixed budget (None: budget // 2, the reference's 72 + 72).
         iqr_scope, iqr_factor, knn_k, merge, order, extra_token, min_keep: as in `PruMerge`
@@ -137,9 +143,8 @@ class PruMergePlus:
 
     space: ClassVar[Space] = "vision"
     requires: ClassVar[tuple[str, ...]] = (VIT_CLS_ATTN, VIT_KEYS)
-    merge_chunk: int | None = (
-        None  # images merged per pass (None: auto, see `prumerge_merge.reduce_plan`); not a config field
-    )
+    # images merged per pass (None: auto, see `prumerge_merge.reduce_plan`); not a config field
+    merge_chunk: int | None = None
 
     def __init__(
         self,
@@ -154,13 +159,13 @@ class PruMergePlus:
         extra_token: bool = True,
         min_keep: int = 0,
     ) -> None:
-        if grid not in ("adaptive", "fixed"):
-            raise ValueError(f"grid must be 'adaptive' or 'fixed', got {grid!r}")
+        if grid not in ("adaptive", "fixed", "reference_fixed"):
+            raise ValueError(f"grid must be 'adaptive', 'fixed' or 'reference_fixed', got {grid!r}")
         if budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         if top_k is not None and not 0 <= top_k <= budget:
             raise ValueError(f"top_k must be in [0, budget={budget}], got {top_k}")
-        _check_common(iqr_scope, iqr_factor, knn_k, merge, order, extra_token, min_keep, grid == "fixed")
+        _check_common(iqr_scope, iqr_factor, knn_k, merge, order, extra_token, min_keep, grid != "adaptive")
         self.grid, self.budget, self.top_k = grid, budget, top_k
         self.iqr_scope, self.iqr_factor, self.knn_k = iqr_scope, iqr_factor, knn_k
         self.merge, self.order, self.extra_token, self.min_keep = merge, order, extra_token, min_keep
@@ -170,6 +175,8 @@ class PruMergePlus:
         attn = _attention(tokens)  # [B, N] float32
         rank = _attention_rank(attn)  # [B, N]
         n = attn.shape[1]
+        if self.grid == "reference_fixed":
+            return _reference_fixed_order(rank)
         if self.grid == "fixed":
             budget = min(self.budget, n)
             top_k = min(budget // 2 if self.top_k is None else self.top_k, budget)
@@ -333,6 +340,34 @@ def _grid_priority(grid: tuple[int, int], count: int, device: str) -> torch.Tens
     spread = reversed_v[reversed_v < rest.numel()]  # a permutation of range(len(rest))
     sequence = torch.cat([lattice, rest[spread]])  # [N]
     return torch.empty(n, dtype=torch.long).scatter_(0, sequence, torch.arange(n)).to(device)
+
+
+def _reference_fixed_order(rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan order [B, N] and kept counts [B] of the authors' fixed PruMerge+ branch (ratio 1/8).
+
+    Kept slots: the k = N // 8 top-attention patches (descending), then the raster points
+    4, 12, 20, ... < N - 1, duplicates kept (2k slots). The rest of the order is the reference's
+    complement: the unkept patches ascending without the d smallest, d = the number of repeated
+    slots (its scatter-to-zero + sort + drop-2k construction), so it has N - 2k entries and a
+    dropped patch is neither a merge candidate nor in the extra token.
+    """
+    b, n = rank.shape
+    k = n // 8
+    grid = torch.arange(4, n - 1, 8, device=rank.device)  # [k] when N // 8 points fit
+    if grid.numel() != k:
+        raise ValueError(
+            f"grid=reference_fixed needs N // 8 = {k} raster points 4, 12, ... < N - 1, got {grid.numel()} "
+            f"for N = {n} (the reference's fixed branch only runs where they agree, e.g. N = 576)"
+        )
+    top = rank.argsort(dim=1)[:, :k]  # [B, k] patch ids by descending attention
+    chosen = torch.cat([top, grid.expand(b, -1)], dim=1)  # [B, 2k], duplicates kept
+    selected = torch.zeros(b, n, dtype=torch.bool, device=rank.device).scatter_(1, chosen, True)  # [B, N]
+    repeated = 2 * k - selected.sum(dim=1)  # [B] d
+    pos = torch.arange(n, device=rank.device).expand(b, n)
+    unkept = torch.where(selected, pos + n, pos).argsort(dim=1)  # [B, N]: unkept ascending first
+    tail = unkept.gather(1, torch.arange(n - 2 * k, device=rank.device)[None] + repeated[:, None])  # [B, N-2k]
+    kept = torch.full((b,), 2 * k, dtype=torch.long, device=rank.device)
+    return torch.cat([chosen, tail], dim=1), kept
 
 
 def _plan_order(
