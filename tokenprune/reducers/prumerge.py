@@ -105,6 +105,10 @@ class PruMerge:
         """The kept patches and their merge neighbourhoods (for inspection and visualisation)."""
         return _make_plan(tokens, *self.select(tokens), self.knn_k)
 
+    def flops(self, n: int, kept: int, width: int) -> int:
+        """Per image, N patches to `kept` tokens: see `_merge_flops`."""
+        return _merge_flops(n, kept, width, self.knn_k, self.merge, self.extra_token)
+
     def __call__(self, tokens: VisualTokens) -> Reduced:
         if tokens.features.shape[0] == 0:
             return empty_reduced(tokens)
@@ -189,6 +193,10 @@ class PruMergePlus:
         """The kept patches and their merge neighbourhoods (for inspection and visualisation)."""
         return _make_plan(tokens, *self.select(tokens), self.knn_k)
 
+    def flops(self, n: int, kept: int, width: int) -> int:
+        """Per image, N patches to `kept` tokens: see `_merge_flops`."""
+        return _merge_flops(n, kept, width, self.knn_k, self.merge, self.extra_token)
+
     def __call__(self, tokens: VisualTokens) -> Reduced:
         if tokens.features.shape[0] == 0:
             return empty_reduced(tokens)
@@ -206,6 +214,19 @@ class PruMergePlus:
             self.extra_token,
             self.merge_chunk,
         )
+
+
+def _merge_flops(n: int, kept: int, width: int, knn_k: int, merge: str, extra_token: bool) -> int:
+    """FLOPs of merging N patches of width C (keys and features alike) into `kept` output tokens.
+
+    M = kept (less the extra token) centres: key cosines against every patch 2 M N C, the weighted
+    neighbour sums 2 M k C (k = knn_k, capped at N - 1; none with merge="none") and the extra token's
+    weighted sum over the unkept patches, counted as 2 N C. Selection (IQR, sorts) is not counted.
+    """
+    centres = max(kept - int(extra_token and kept > 0), 0)
+    k = min(knn_k, n - 1)
+    merging = 0 if merge == "none" else 2 * centres * n * width + 2 * centres * k * width
+    return merging + (2 * n * width if extra_token else 0)
 
 
 def _check_common(
