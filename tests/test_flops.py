@@ -50,7 +50,9 @@ def test_reducer_costs():
     assert flops.reducer_flops(AvgPool(keep=1), n=4, kept=1, width=4) == 16
     # 2 M N C + 2 M k C + 2 N C with M = 2 centres (+ the extra token), k = 2 neighbours
     assert flops.reducer_flops(PruMerge(knn_k=2), n=4, kept=3, width=4) == 64 + 32 + 32
-    assert flops.reducer_flops(PruMergePlus(knn_k=9), n=4, kept=3, width=4) == 64 + 48 + 32  # k capped at N - 1
+    assert (
+        flops.reducer_flops(PruMergePlus(knn_k=9), n=4, kept=3, width=4) == 64 + 48 + 32
+    )  # k capped at N - 1
     assert PruMerge(merge="none").flops(4, 3, 4) == 32  # the extra token only
     mapper = ExplainMapper(ratio=0.5)
     assert flops.reducer_flops(mapper, n=10, kept=5, width=4) == 2 * mapper.net.macs_per_token() * 10 + 20

@@ -122,7 +122,8 @@ def signal_flops(shape: ModelShape, requires: Sequence[str], images: int, text_t
     full = images * v.patches + text_tokens  # the unreduced LLM input
     costs = {
         "vit": images * (2 * tokens * 2 * v.width**2 + 2 * tokens * v.width),
-        LLM_TEXT_ATTN: 2 * full * (llm.width**2 + llm.width * llm.kv_width) + 2 * text_tokens * full * llm.width,
+        LLM_TEXT_ATTN: 2 * full * (llm.width**2 + llm.width * llm.kv_width)
+        + 2 * text_tokens * full * llm.width,
         RELEVANCE: 3 * prefill_flops(llm, full),
     }
     names = {"vit" if name in (VIT_CLS_ATTN, VIT_KEYS) else name for name in requires}

@@ -386,7 +386,9 @@ def _reference_fixed_order(rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     repeated = 2 * k - selected.sum(dim=1)  # [B] d
     pos = torch.arange(n, device=rank.device).expand(b, n)
     unkept = torch.where(selected, pos + n, pos).argsort(dim=1)  # [B, N]: unkept ascending first
-    tail = unkept.gather(1, torch.arange(n - 2 * k, device=rank.device)[None] + repeated[:, None])  # [B, N-2k]
+    tail = unkept.gather(
+        1, torch.arange(n - 2 * k, device=rank.device)[None] + repeated[:, None]
+    )  # [B, N-2k]
     kept = torch.full((b,), 2 * k, dtype=torch.long, device=rank.device)
     return torch.cat([chosen, tail], dim=1), kept
 
