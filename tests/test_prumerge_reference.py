@@ -122,17 +122,25 @@ def oracle(
     counts = [min(max(c, min_keep), n) for c in counts]
 
     results = []
+    signal = tokens.signals[VIT_CLS_ATTN]
     for i in range(b):
         a32 = attn[i].tolist()
         by_attention = sorted(range(n), key=lambda j: (-a32[j], j))  # descending, ties: lower index
+
+        def top(m: int, i: int = i, by_attention: list[int] = by_attention) -> list[int]:
+            """The reference's `topk(a, m)`; a half-precision signal keeps topk's order of its ties."""
+            if signal.dtype in (torch.float16, torch.bfloat16) and torch.isfinite(signal[i]).all():
+                return torch.topk(signal[i], m).indices.tolist() if m else []
+            return by_attention[:m]
+
         # step 2: selection (and PruMerge+ grid points)
         if plus == "reference_fixed":  # the authors' if_adaptive=False branch, ratio 1/8
             k = int(n * (1 / 8))
-            idx = by_attention[:k] + list(range(4, n - 1, 8))  # duplicates kept
+            idx = top(k) + list(range(4, n - 1, 8))  # duplicates kept
             assert len(idx) == 2 * k
         elif plus == "fixed":
             k = budget // 2 if top_k is None else top_k
-            idx = by_attention[:k]
+            idx = top(k)
             lattice = uniform_indices(budget - k, tokens.grid).tolist() if budget > k else []
             rest = [p for p in range(n) if p not in set(lattice)]
             preference = lattice + [rest[j] for j in _van_der_corput(len(rest))]
@@ -140,7 +148,7 @@ def oracle(
             idx = idx + sorted(chosen)
         else:
             m = counts[i]
-            idx = by_attention[:m]
+            idx = top(m)
             if plus == "adaptive" and m > 0:
                 outliers, values = pooled[i]
                 step = min(values // outliers if outliers else values + n, n // m)  # floor(1 / ratio)

@@ -21,7 +21,12 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
-from tokenprune.models.signals import clip_cls_attention, decoder_query_key, text_to_visual_attention
+from tokenprune.models.signals import (
+    SIGNAL_DTYPES,
+    clip_cls_attention,
+    decoder_query_key,
+    text_to_visual_attention,
+)
 from tokenprune.models.timing import generate_answers, generated_lengths
 from tokenprune.reducers.baselines import NoReduction
 from tokenprune.types import (
@@ -89,6 +94,7 @@ class LlavaAdapter:
         reducer: Reducer | None = None,
         prompt: str = LLAVA15_PROMPT,
         image_aspect: str = "crop",
+        signal_dtype: str = "float32",
     ) -> None:
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
@@ -106,6 +112,9 @@ class LlavaAdapter:
         self.reducer = reducer if reducer is not None else NoReduction()
         self.prompt = prompt
         self.image_aspect = image_aspect
+        if signal_dtype not in SIGNAL_DTYPES:
+            raise ValueError(f"signal_dtype must be one of {SIGNAL_DTYPES}, got {signal_dtype!r}")
+        self.signal_dtype = signal_dtype
         self.image_token_id = config.image_token_id
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
@@ -126,6 +135,7 @@ class LlavaAdapter:
         prompt: str = LLAVA15_PROMPT,
         image_aspect: str = "crop",
         build: str | None = None,
+        signal_dtype: str = "float32",
     ) -> LlavaAdapter:
         """Load a LLaVA checkpoint (local folder or hub id in the HF cache).
 
@@ -140,6 +150,9 @@ class LlavaAdapter:
                 before resizing (LLaVA-1.5's `image_aspect_ratio=pad`, used in its training and
                 most of its evals); "crop" is the HF processor's resize + centre crop.
             build: name of a tiny test model to build at `path` when it is missing (tokenprune.models.tiny).
+            signal_dtype: PruMerge's CLS attention in "float32" (CLS row only) or in the tower's dtype
+                ("model": the reference's full-matrix fp16 arithmetic, for bit-for-bit agreement with
+                it; see `tokenprune.models.signals.clip_cls_attention`).
         """
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -152,7 +165,9 @@ class LlavaAdapter:
         except OSError as error:
             raise hub_error(path, error) from error
         model.to(resolve_device(device)).eval()
-        return cls(model, processor, reducer=reducer, prompt=prompt, image_aspect=image_aspect)
+        return cls(
+            model, processor, reducer=reducer, prompt=prompt, image_aspect=image_aspect, signal_dtype=signal_dtype
+        )
 
     # ------------------------------------------------------------------ vision side
     @property
@@ -183,7 +198,9 @@ class LlavaAdapter:
             states.append(hidden)
         signals = {}
         if wants_signals:
-            signals[VIT_CLS_ATTN], signals[VIT_KEYS] = clip_cls_attention(layers[-1], states[n_layers - 1])
+            signals[VIT_CLS_ATTN], signals[VIT_KEYS] = clip_cls_attention(
+                layers[-1], states[n_layers - 1], self.signal_dtype
+            )
         missing = set(self.reducer.requires) - set(signals) - {VIT_CLS_ATTN, VIT_KEYS, *LLM_SIGNALS}
         if missing:
             raise ValueError(

@@ -99,7 +99,7 @@ class PruMerge:
         """Plan order [B, N] and kept counts [B] (see `MergePlan`)."""
         attn = _attention(tokens)  # [B, N] float32
         counts, _, _ = _outlier_counts(attn, self.iqr_scope, self.iqr_factor, self.min_keep)
-        return _plan_order(_attention_rank(attn), counts)
+        return _plan_order(_attention_rank(attn, counts, _signal_dtype(tokens)), counts)
 
     def plan(self, tokens: VisualTokens) -> MergePlan:
         """The kept patches and their merge neighbourhoods (for inspection and visualisation)."""
@@ -177,17 +177,22 @@ class PruMergePlus:
     def select(self, tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """Plan order [B, N] and kept counts [B] (see `MergePlan`)."""
         attn = _attention(tokens)  # [B, N] float32
-        rank = _attention_rank(attn)  # [B, N]
-        n = attn.shape[1]
+        b, n = attn.shape
+        dtype = _signal_dtype(tokens)
+        if self.grid == "adaptive":
+            counts, outliers, pooled = _outlier_counts(attn, self.iqr_scope, self.iqr_factor, self.min_keep)
+            rank = _attention_rank(attn, counts, dtype)  # [B, N]
+            return _plan_order(rank, counts, _raster_grid(counts, outliers, pooled, n))
         if self.grid == "reference_fixed":
-            return _reference_fixed_order(rank)
-        if self.grid == "fixed":
+            top_k = n // 8
+        else:
             budget = min(self.budget, n)
             top_k = min(budget // 2 if self.top_k is None else self.top_k, budget)
-            counts = torch.full((attn.shape[0],), top_k, dtype=torch.long, device=attn.device)
-            return _plan_order(rank, counts, _fixed_grid(rank, top_k, budget, tokens.grid))
-        counts, outliers, pooled = _outlier_counts(attn, self.iqr_scope, self.iqr_factor, self.min_keep)
-        return _plan_order(rank, counts, _raster_grid(counts, outliers, pooled, n))
+        counts = torch.full((b,), top_k, dtype=torch.long, device=attn.device)
+        rank = _attention_rank(attn, counts, dtype)  # [B, N]
+        if self.grid == "reference_fixed":
+            return _reference_fixed_order(rank)
+        return _plan_order(rank, counts, _fixed_grid(rank, top_k, budget, tokens.grid))
 
     def plan(self, tokens: VisualTokens) -> MergePlan:
         """The kept patches and their merge neighbourhoods (for inspection and visualisation)."""
@@ -298,12 +303,32 @@ def _outlier_counts(
     return counts, outliers, pooled
 
 
-def _attention_rank(attn: torch.Tensor) -> torch.Tensor:
-    """[B, N] position of each patch when sorted by descending attention (ties: lower index first)."""
+def _signal_dtype(tokens: VisualTokens) -> torch.dtype:
+    return tokens.signals[VIT_CLS_ATTN].dtype
+
+
+def _attention_rank(attn: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N] position of each patch in descending attention; the first counts[b] decide what is kept.
+
+    A float32 signal is sorted stably (ties: lower index first). A half-precision signal (the
+    tower's dtype, `signal_dtype=model`) has many exact ties, which the reference orders by
+    `topk(a, m)` in that dtype: each image's top counts[b] are then taken from `topk` with exactly
+    its count (one call per image; the others follow in stable order), so the kept patches and their
+    order (their positions in the LLM) are the reference's.
+    """
     b, n = attn.shape
     by_attention = torch.sort(attn, dim=1, descending=True, stable=True).indices  # [B, N]
     positions = torch.arange(n, device=attn.device).expand(b, n)
-    return torch.empty_like(by_attention).scatter_(1, by_attention, positions)
+    rank = torch.empty_like(by_attention).scatter_(1, by_attention, positions)  # [B, N]
+    if dtype not in (torch.float16, torch.bfloat16):
+        return rank
+    signal = attn.to(dtype)  # [B, N], the signal's own values (finite rows unchanged)
+    for i, m in enumerate(counts.tolist()):  # over images: topk takes each image's own count
+        if m > 0:
+            top = torch.topk(signal[i], m).indices  # [m] in the reference's order
+            rank[i] = rank[i] + m  # the others after the top m, in stable order
+            rank[i, top] = torch.arange(m, device=attn.device)
+    return rank
 
 
 def _raster_grid(counts: torch.Tensor, outliers: torch.Tensor, pooled: int, n: int) -> torch.Tensor:
