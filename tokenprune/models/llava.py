@@ -166,7 +166,12 @@ class LlavaAdapter:
             raise hub_error(path, error) from error
         model.to(resolve_device(device)).eval()
         return cls(
-            model, processor, reducer=reducer, prompt=prompt, image_aspect=image_aspect, signal_dtype=signal_dtype
+            model,
+            processor,
+            reducer=reducer,
+            prompt=prompt,
+            image_aspect=image_aspect,
+            signal_dtype=signal_dtype,
         )
 
     # ------------------------------------------------------------------ vision side

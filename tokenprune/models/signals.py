@@ -11,7 +11,6 @@ import itertools
 import torch
 from torch import nn
 
-
 SIGNAL_DTYPES = ("float32", "model")
 
 
