@@ -18,6 +18,8 @@ PURE_SELECTION = {"none", "random", "uniform", "explain_mapper", "explain_oracle
 # The authors' fixed PruMerge+ branch keeps a top patch twice when it is also a grid point (a
 # documented reference quirk, `grid=reference_fixed`): the one config allowed to repeat a source patch.
 REPEATS_PATCHES = {"prumerge_plus_reference"}
+# Paper-compatible batch-coupled modes (DESIGN §4.3), opt-in configs: the IQR pooled over the batch.
+BATCH_COUPLED = {"prumerge_reference"}
 GRIDS = [(24, 24), (6, 8)]
 
 
@@ -84,6 +86,11 @@ def test_batch_invariance(name):
     t = tokens(4, (24, 24), seed=3)
     reducer = build(name)
     batched = reducer(t)
+    if name in BATCH_COUPLED:  # documented coupling: one count for the batch; batch 1 is the default config
+        assert len(set(batched.lengths.tolist())) == 1
+        alone, default = reducer(sample(t, 0)), build(name, iqr_scope="image")(sample(t, 0))
+        assert torch.equal(alone.features, default.features) and torch.equal(alone.index, default.index)
+        return
     for i in range(4):
         alone = reducer(sample(t, i))
         assert int(alone.lengths[0]) == int(batched.lengths[i])
