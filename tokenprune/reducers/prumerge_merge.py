@@ -58,8 +58,9 @@ def neighbours(keys: torch.Tensor, order: torch.Tensor, kept: list[int], knn_k: 
         similarity[i, :m] = centres[i, :m] @ columns[i].T  # [M_b, N]
     if not exact_half:
         similarity /= norm.transpose(1, 2)  # cosines: divide by each column's norm
-    corrupt = ~torch.isfinite(norm[..., 0])  # [B, N]: a non-finite key is nobody's neighbour
-    similarity.masked_fill_(corrupt[:, None, :] | corrupt.gather(1, order[:, :mmax])[:, :, None], -2.0)
+    # a key whose norm is not finite makes every cosine it enters NaN (inf / inf, 0 * inf or NaN): such a
+    # patch is nobody's neighbour, and a kept one ranks its candidates in candidate order
+    similarity.nan_to_num_(nan=-2.0, posinf=-2.0, neginf=-2.0)
     slot = torch.arange(mmax, device=keys.device)[:, None]  # [Mmax, 1]
     j = torch.arange(n - 1, device=keys.device)[None]  # [1, N-1]
     skip_self = (j + (j >= slot)).flatten().expand(b, -1)  # [B, Mmax*(N-1)]: plan positions but slot i
