@@ -7,14 +7,16 @@ degenerate case in `docs/prumerge.md`), batched and vectorised:
 2. IQR outliers: m = #{a > Q3 + 1.5 IQR}, per image (`iqr_scope="image"`, batch-invariant) or pooled
    over the batch as the reference does (`"batch"`: every image keeps floor(#outliers / B)).
 3. Keep the m highest-attention patches (descending attention). PruMerge+ adds grid points:
-   the reference's raster stride rule (`grid="adaptive"`) or a 2-D grid to a fixed budget.
+   the reference's raster stride rule (`grid="adaptive"`), the reference's fixed 72 + 72 branch with
+   its duplicates (`"reference_fixed"`) or a deduplicated 2-D grid to a fixed budget (`"fixed"`).
 4. Each kept patch absorbs its `knn_k` nearest patches by key cosine among *all* other patches,
    ranked in the reference's candidate order: x_t + sum_j a_j x_j (`merge="reference"`).
 5. One extra token, sum over unkept patches of a_j x_j, is appended last.
 
 Per image the kept patches and the rest form one permutation of the N patches ("plan order":
 kept ones in output order, then the others ascending), which is exactly the reference's candidate
-list with the centre removed. That makes every step a fixed-size batched tensor op.
+list with the centre removed. That makes every step a fixed-size batched tensor op. This module
+decides the plan; `prumerge_merge` merges and assembles the output.
 """
 
 from __future__ import annotations
