@@ -11,7 +11,8 @@ other LLaVA checkpoint:
 
 * language model and LM head: Vicuna's, unchanged; the vocabulary gains `<image>` (the
   placeholder the HF model splices features at; LLaVA's own code splices at a negative id instead)
-  and `<pad>` (LLaVA pads with `<unk>`; every padded position is masked), padded to a multiple of 64
+  and, if the tokenizer has no pad token, `<pad>` (every padded position is masked either way),
+  padded to a multiple of 64
   as llava-hf's checkpoints (32064 at 7B/13B). The new rows of the embedding and the LM head are
   the mean of the existing rows (deterministic; llava-hf sampled them around that mean).
 * vision tower: CLIP's vision half, unchanged (the text half is dropped), read at layer -2
