@@ -70,6 +70,7 @@ def _vicuna_like(folder):
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
     config.save_pretrained(folder)
+    model.generation_config.update(do_sample=True, temperature=0.9, top_p=0.6)  # as Vicuna's release
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model, tokenizer
@@ -162,6 +163,8 @@ def test_converted_checkpoint_holds_the_sources_weights(converted):
     assert torch.equal(mlp.linear_2.bias, projector["model.mm_projector.2.bias"])
     assert (model.config.vision_feature_layer, model.config.vision_feature_select_strategy) == (-2, "default")
     assert json.loads((out / "tokenprune_stage1.json").read_text())["projector"].endswith("pretrain")
+    generation = model.generation_config
+    assert not generation.do_sample and generation.pad_token_id == adapter.tokenizer.pad_token_id
 
 
 def test_converted_checkpoint_forward_equals_the_sources(converted):

@@ -20,7 +20,8 @@ other LLaVA checkpoint:
 * projector: `mm_projector.bin`'s `mlp2x_gelu` (Linear C->d, GELU, Linear d->d) as
   `multi_modal_projector.linear_1` / `linear_2`.
 * processor: CLIP's image processor (resize + centre crop; the adapter pads to square first with
-  `image_aspect: pad`), the tokenizer above and the vicuna_v1 chat template.
+  `image_aspect: pad`), the tokenizer above and the vicuna_v1 chat template; a greedy generation
+  config (LLaVA evaluates greedily; Vicuna's own generation config samples).
 
 Only local folders and the user's HF cache are read (`allow_download=True` lets the hub fill it).
 
@@ -186,14 +187,12 @@ def convert(
     model.model.vision_tower.load_state_dict(tower.state_dict(), assign=True)
     projector_state = {k: v.to(torch_dtype) for k, v in weights.items()}
     model.model.multi_modal_projector.load_state_dict(projector_state, assign=True)
-    try:
-        generation = GenerationConfig.from_pretrained(llm_dir)
-    except OSError:
-        generation = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-        )
-    generation.pad_token_id = tokenizer.pad_token_id
-    model.generation_config = generation
+    # greedy, as LLaVA's evaluation (Vicuna's own generation_config samples at temperature 0.9)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil.from_pretrained(vision_dir),
         tokenizer=tokenizer,
