@@ -12,8 +12,12 @@ by image with a per-image IQR, the same semantics as the vectorised reducer's de
     .venv/bin/python scripts/bench_reducers.py --vit            # also time a random-weight CLIP ViT-L/14-336
     .venv/bin/python scripts/bench_reducers.py --smoke          # seconds: checks the script (the test suite runs it)
 
+    .venv/bin/python scripts/bench_reducers.py --threads 1 --clock cpu   # on a machine shared with other jobs
+
 Inputs are CLIP-like (N = 576 patches, C = D = 1024; 20-50 IQR outliers per image). Times are the
-best of `--repeat` runs; on CUDA each run is synchronised.
+best of `--repeat` runs; on CUDA each run is synchronised. `--clock cpu` times the process's CPU time
+instead of the wall clock: with one thread it equals the wall time of a quiet machine and is far less
+sensitive to other processes (CPU only).
 """
 
 from __future__ import annotations
@@ -79,16 +83,17 @@ def loop_reference_style(tokens: VisualTokens, plus: bool, knn_k: int = 32) -> l
     return outputs
 
 
-def best_time(fn: Callable[[], object], repeat: int, device: str) -> float:
+def best_time(fn: Callable[[], object], repeat: int, device: str, clock: str = "wall") -> float:
+    now = time.process_time if clock == "cpu" else time.perf_counter
     times = []
     for _ in range(repeat):
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = now()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return min(times)
 
 
@@ -118,12 +123,23 @@ def main() -> None:
         "--vit", action="store_true", help="also time a random-weight CLIP ViT-L/14-336 forward"
     )
     parser.add_argument("--smoke", action="store_true", help="B = 1, one run: checks the script runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="wall clock or process CPU time"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.batches, args.repeat = [1], 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu times CPU runs only")
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     device = "cuda" if args.device.startswith("cuda") else args.device
-    print(f"torch {torch.__version__}, device {args.device}, {dtype}, threads {torch.get_num_threads()}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, {dtype}, threads {torch.get_num_threads()}, "
+        f"clock {args.clock}"
+    )
     header = f"{'method':<10} {'B':>3} {'tokens/img':>10} {'loop ms':>8} {'vector ms':>9} {'speed-up':>8}"
     header += f" {'batched ms':>10} {'speed-up':>8} {'max|diff|':>9}"
     print(header + ("  vit ms  reducer/vit" if args.vit else ""))
@@ -134,11 +150,14 @@ def main() -> None:
             with torch.inference_mode():
                 out = reducer(tokens)
                 looped = loop_reference_style(tokens, plus)
-                vector = best_time(lambda r=reducer, t=tokens: r(t), args.repeat, device)
+                vector = best_time(lambda r=reducer, t=tokens: r(t), args.repeat, device, args.clock)
                 reducer.merge_chunk = b  # force the fully batched merge (the default on CPU is per image)
-                batched = best_time(lambda r=reducer, t=tokens: r(t), args.repeat, device)
+                batched = best_time(lambda r=reducer, t=tokens: r(t), args.repeat, device, args.clock)
                 loop = best_time(
-                    lambda p=plus, t=tokens: loop_reference_style(t, p), min(2, args.repeat), device
+                    lambda p=plus, t=tokens: loop_reference_style(t, p),
+                    min(2, args.repeat),
+                    device,
+                    args.clock,
                 )
             diff = max((out.features[i, : len(y)] - y).abs().max().item() for i, y in enumerate(looped))
             line = (

@@ -333,10 +333,19 @@ def test_compare_to_full_reports_percent_and_agreement(model, manager, tmp_path)
         "benchmark.limit=3",
         "benchmark.batch_size=3",
         "benchmark.compare_to_full=true",
+        "benchmark.compare_batch_size=1",
         "benchmark.gen_kwargs='max_new_tokens=3'",
     )
     out = evaluate(model, bench, samples_path=tmp_path / "r.samples.jsonl", task_manager=manager)
     metrics = out["metrics"]
+    # the batch-1 pass: same reducer, one request at a time, compared answer by answer
+    alone = {r["doc_id"]: r for r in out["batch_samples"]}
+    assert {r["batch"]["size"] for r in alone.values()} == {1} and {
+        r["batch"]["size"] for r in out["samples"]
+    } == {3}
+    batch_same = sum(r["answer"] == alone[r["doc_id"]]["answer"] for r in out["samples"]) / 3
+    assert metrics["batch_agreement/pope_adv"] == pytest.approx(batch_same) == 1.0  # batching changes nothing
+    assert metrics["batch_agreement/batch_size"] == 1.0 and (tmp_path / "r.samples.batch1.jsonl").exists()
     assert "full/pope_adv/pope_accuracy" in metrics and 0 <= metrics["agreement/pope_adv"] <= 1
     full = {r["doc_id"]: r for r in out["full_samples"]}
     assert {r["visual_tokens"] for r in full.values()} == {576} and {

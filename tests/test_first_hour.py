@@ -28,8 +28,8 @@ def fake_result(overrides: list[str], config_name: str, metrics: dict[str, float
     resolved = OmegaConf.to_container(cfg, resolve=True)
     picked = choices()
     return {
-        "name": result_name(resolved, picked),
-        "config_hash": config_hash(resolved),
+        "name": result_name(cfg, picked),
+        "config_hash": config_hash(cfg),
         "run": {"finished": "2026-12-06T00:00:00+00:00"},
         "choices": picked,
         "config": resolved,

@@ -265,6 +265,8 @@ def reducer_cases():
     for name in reducer_options():
         node = compose([f"reducer={name}"]).reducer
         overrides = [f"reducer.{k}=6" for k in ("keep", "budget") if k in node and node[k] is not None]
+        if node.get("iqr_scope") == "batch":  # batch-coupled by design (prumerge_reference): the per-view
+            overrides.append("reducer.iqr_scope=image")  # counts below assume invariance (contract test)
         out.append(pytest.param(name, overrides, id=name))
     return out
 

@@ -18,7 +18,7 @@ from tokenprune.tables.__main__ import experiment_spec, load_results, main, make
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "results"
 GOLDEN = PROJECT_ROOT / "tests" / "golden" / "tables"
-GOLDEN_EXPERIMENTS = ["prumerge_main", "prumerge_ablation_sampling"]
+GOLDEN_EXPERIMENTS = ["prumerge_main_released", "prumerge_ablation_sampling"]
 
 
 @pytest.mark.parametrize("experiment", GOLDEN_EXPERIMENTS)
@@ -41,8 +41,8 @@ def _fixture(name_start: str) -> dict:
 
 
 def test_table_cells_are_the_result_values_and_the_paper_numbers():
-    spec, _ = experiment_spec("prumerge_main")
-    table = build_table("prumerge_main", spec["table"], load_results(FIXTURES), load_published())
+    spec, _ = experiment_spec("prumerge_main_released")
+    table = build_table("prumerge_main_released", spec["table"], load_results(FIXTURES), load_published())
     prumerge_7b = table.rows[2]
     assert prumerge_7b.label == "+ PruMerge"
     result = _fixture("llava15_7b-prumerge-llava_suite")
@@ -66,7 +66,7 @@ def test_tables_are_a_pure_function_of_the_result_files(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in FIXTURES.glob("*.json")}
     main(
         [
-            "experiment=prumerge_main",
+            "experiment=prumerge_main_released",
             f"paths.results={FIXTURES}",
             f"paths.outputs={tmp_path / 'a'}",
             "plots=false",
@@ -74,15 +74,15 @@ def test_tables_are_a_pure_function_of_the_result_files(tmp_path):
     )
     main(
         [
-            "experiment=prumerge_main",
+            "experiment=prumerge_main_released",
             f"paths.results={FIXTURES}",
             f"paths.outputs={tmp_path / 'b'}",
             "plots=false",
         ]
     )
     for ext in ("md", "tex"):
-        a = (tmp_path / "a" / "tables" / f"prumerge_main.{ext}").read_bytes()
-        assert a == (tmp_path / "b" / "tables" / f"prumerge_main.{ext}").read_bytes()
+        a = (tmp_path / "a" / "tables" / f"prumerge_main_released.{ext}").read_bytes()
+        assert a == (tmp_path / "b" / "tables" / f"prumerge_main_released.{ext}").read_bytes()
     assert before == {p.name: p.stat().st_mtime_ns for p in FIXTURES.glob("*.json")}
 
 
@@ -132,9 +132,9 @@ def test_plots_are_written_and_show_the_result_values(tmp_path):
     from tokenprune.tables.build import table_columns
     from tokenprune.tables.plots import collect_points, figure, write_plots
 
-    spec, _ = experiment_spec("prumerge_main")
+    spec, _ = experiment_spec("prumerge_main_released")
     results = load_results(FIXTURES)
-    written = write_plots("prumerge_main", spec, results, load_published(), tmp_path)
+    written = write_plots("prumerge_main_released", spec, results, load_published(), tmp_path)
     ids = ["vqav2", "sqa", "textvqa", "pope", "mme", "mmbench"]
     assert sorted(p.name for p in written) == sorted(f"{i}.{e}" for i in ids for e in ("png", "pdf"))
     assert all(p.stat().st_size > 1000 for p in written)
@@ -157,7 +157,7 @@ def test_plots_are_written_and_show_the_result_values(tmp_path):
         )
     assert "Pareto front (ours)" in lines
 
-    again = write_plots("prumerge_main", spec, results, load_published(), tmp_path / "again")
+    again = write_plots("prumerge_main_released", spec, results, load_published(), tmp_path / "again")
     for a, b in zip(sorted(written), sorted(again)):
         assert a.read_bytes() == b.read_bytes(), f"{a.name} is not deterministic"
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import random_images
@@ -18,9 +19,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tokenprune.config import PROJECT_ROOT, compose, group_options
-from tokenprune.reducers.prumerge import PruMergePlus
+from tokenprune.models.llava import LlavaAdapter
+from tokenprune.reducers.prumerge import PruMerge, PruMergePlus
 from tokenprune.train.lora import LLM_LINEAR_LAYERS, apply_lora, load_trained, resolve_resume
 from tokenprune.train.pipeline import stage_dir
+from tokenprune.types import VIT_CLS_ATTN
 
 FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "instruct"
 
@@ -424,3 +427,26 @@ def test_ddp_two_cpu_processes_fit_then_evaluate(tiny_llava_path, tmp_path):
     (stage,) = (tmp_path / "train").iterdir()
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()
     print(f"DDP entry point: {time.monotonic() - started:.1f} s")
+
+
+def test_batch_scope_iqr_pools_the_training_batch(tiny_llava_path):
+    """reducer.iqr_scope=batch (reducer=prumerge_reference) in training: the inputs of a training batch are
+    reduced in one call over all its images, so every image keeps floor(#outliers / B) tokens (+ the extra
+    token) with the fence pooled over the batch, as the reference; the per-image scope keeps ragged counts."""
+    conversation = [("USER: <image>\nWhat color? ASSISTANT:", False), (" red</s>", True)]
+    images = random_images(3)
+    kept = {}
+    for scope in ("batch", "image"):
+        adapter = LlavaAdapter.from_pretrained(
+            tiny_llava_path, reducer=PruMerge(iqr_scope=scope), dtype="float32", device="cpu"
+        )
+        with torch.no_grad():
+            kept[scope] = adapter.prepare_conversations(
+                [conversation] * 3, [[image] for image in images]
+            ).visual_tokens
+            attention = adapter.visual_tokens(adapter.preprocess(images)).signals[VIT_CLS_ATTN]  # [3, N]
+    values = attention.numpy().ravel()  # the reference: numpy percentiles over the whole batch
+    q1, q3 = np.percentile(values, 25), np.percentile(values, 75)
+    pooled = int((values > q3 + 1.5 * (q3 - q1)).sum())
+    assert kept["batch"] == [pooled // 3 + 1] * 3
+    assert len(set(kept["image"])) > 1, "the test needs images with different outlier counts"

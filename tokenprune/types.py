@@ -177,10 +177,16 @@ class Reducer(Protocol):
     """A visual-token reduction method: pure tensor code, no hooks, no I/O.
 
     `space` says where the adapter applies it: "vision" (on vision-tower features, before the
-    projector) or "llm" (on projected features); "llm_layer" reducers are `LayerReducer`s. `requires` names the signals it reads.
+    projector) or "llm" (on projected features); "llm_layer" reducers are `LayerReducer`s. `requires`
+    names the signals it reads. `flops` is its own cost per image (the signals' cost is counted where
+    the adapter computes them).
     """
 
     space: ClassVar[Space]
     requires: ClassVar[tuple[str, ...]]
 
     def __call__(self, tokens: VisualTokens) -> Reduced: ...
+
+    def flops(self, n: int, kept: int, width: int) -> int:
+        """FLOPs of reducing one image from `n` tokens of `width` to `kept` output tokens."""
+        ...

@@ -14,13 +14,19 @@ m = LLM MLP width, d_kv = key/value width (heads_kv * head_dim), V = vocabulary,
       per layer         2 * L * (4 C^2 + 2 C I_v)      q, k, v, o projections + 2-matrix MLP
                       + 4 * L^2 * C                    scores Q K^T and weights x V
 
-* Signals (PruMerge's ``vit_cls_attn`` / ``vit_keys``): the last layer's q and k projections of
-  all L tokens plus the CLS row of the scores: ``2 * L * 2 C^2 + 2 * L * C``.
-* Reducer, per image, from N patches to M kept (``reducer_flops``): 0 for index selection
-  (none, random, uniform), N * C for pooling, and for PruMerge / PruMerge+ the key cosine
-  similarity of the kept tokens to all patches, the neighbour merge and the extra token:
-  ``2 M N C + 2 M k C + 2 N C`` (k = knn_k). A reducer may define its own
-  ``flops(n, kept, width)`` method instead.
+* Signals, counted where the adapter computes them (``signal_flops``, per signal name):
+  ``vit_cls_attn`` / ``vit_keys`` (PruMerge), per image: the last CLIP layer's q and k
+  projections of all L tokens plus the CLS row of the scores, ``2 * L * 2 C^2 + 2 * L * C``;
+  ``llm_text_attn`` (the explainability mapper), per sample: LLM layer 0's q and k projections
+  over the whole *unreduced* sequence S_full = images * N + text, plus the scores of the text rows
+  against it, ``2 * S_full * (d^2 + d d_kv) + 2 * T * S_full * d`` (T = text tokens, an upper bound
+  on the rows after the image; ~41 GFLOPs at LLaVA-1.5-7B, against ~2.4 for the CLIP signals);
+  ``relevance`` (the oracle's GAE): a forward and a backward of the unreduced prompt, estimated as
+  3 x its prefill. Signals of several names add up.
+* Reducer, per image, from N patches to M kept: the reducer's own ``flops(n, kept, width)``
+  method (each reducer documents its formula; e.g. 0 for index selection, N * C for pooling,
+  ``2 M N C + 2 M k C + 2 N C`` for PruMerge / PruMerge+). A reducer without the method counts as
+  unknown (None), and so does the total.
 * Projector (LLaVA's 2-layer MLP C -> d -> d) on the P tokens it sees (M for a reducer before
   the projector, N after it): ``2 * P * (C d + d^2)``.
 * LLM prefill over S = visual + text tokens, n_layers layers, plus the LM head on the last
@@ -40,10 +46,11 @@ m = LLM MLP width, d_kv = key/value width (heads_kv * head_dim), V = vocabulary,
   cut recompute one layer's q and k over its S_i rows and one row of scores,
   ``2 S_i (d^2 + d d_kv) + 2 S_i d`` per cut; the selection itself is index-only (0).
 
-Paper check (tests/test_flops.py): LLaVA-1.5-7B's LLM (Vicuna-7B: 32 layers, d = 4096, m = 11008)
-prefilling 576 visual + 40 text tokens costs 8.18 TFLOPs here, and 0.94 TFLOPs with PruMerge's
-~32 kept tokens; PruMerge's Table 2 (an LLM-Viewer roofline, prompt length not stated) lists 9.3
-and 0.91 TFLOPs: within 12 % and 3 %.
+Paper check (tests/test_flops.py): PruMerge's Table 2 (an LLM-Viewer roofline of the LLM prefill,
+prompt length not stated) lists 9.3 TFLOPs for LLaVA-1.5-7B and 0.91 with PruMerge. Solving this
+formula for the sequence length gives 698 tokens (576 visual + 122 text) and 70 tokens (32 + 38):
+the paper's two rows assumed different text lengths. At those lengths both rows (and the 13B rows,
+18.2 and 1.80 TFLOPs) are reproduced within 2 %.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from tokenprune.types import LLM_TEXT_ATTN, RELEVANCE, VIT_CLS_ATTN, VIT_KEYS
 
 
 @dataclass(frozen=True)
@@ -108,28 +117,34 @@ def vit_flops(v: VisionShape) -> int:
     return embed + v.depth * per_layer
 
 
-def signal_flops(v: VisionShape, requires: Sequence[str]) -> int:
-    """Extra work for the signals a reducer reads (0 when it reads none)."""
-    if not requires:
-        return 0
+def signal_flops(shape: ModelShape, requires: Sequence[str], images: int, text_tokens: int) -> int:
+    """Work for the signals a reducer reads, where the adapter computes them (0 when it reads none).
+
+    Args:
+        shape: the model; requires: the reducer's signal names.
+        images: images (or frames) of the sample; text_tokens: its other prompt tokens.
+    """
+    v, llm = shape.vision, shape.llm
     tokens = v.patches + 1
-    return 2 * tokens * 2 * v.width**2 + 2 * tokens * v.width
+    full = images * v.patches + text_tokens  # the unreduced LLM input
+    costs = {
+        "vit": images * (2 * tokens * 2 * v.width**2 + 2 * tokens * v.width),
+        LLM_TEXT_ATTN: 2 * full * (llm.width**2 + llm.width * llm.kv_width)
+        + 2 * text_tokens * full * llm.width,
+        RELEVANCE: 3 * prefill_flops(llm, full),
+    }
+    names = {"vit" if name in (VIT_CLS_ATTN, VIT_KEYS) else name for name in requires}
+    unknown = names - set(costs)
+    if unknown:
+        raise ValueError(f"no FLOPs formula for the signals {sorted(unknown)}")
+    return sum(costs[name] for name in names)
 
 
 def reducer_flops(reducer: Any, n: int, kept: int, width: int) -> int | None:
-    """FLOPs of reducing one image from ``n`` patches of ``width`` to ``kept`` tokens (None: unknown)."""
+    """FLOPs of reducing one image from ``n`` patches of ``width`` to ``kept`` tokens: the reducer's
+    own ``flops`` method (None for a reducer that does not declare one)."""
     own = getattr(reducer, "flops", None)
-    if callable(own):
-        return int(own(n, kept, width))
-    name = type(reducer).__name__
-    if name in ("NoReduction", "RandomPrune", "UniformSample"):
-        return 0
-    if name == "AvgPool":
-        return n * width
-    if name in ("PruMerge", "PruMergePlus"):
-        k = min(int(getattr(reducer, "knn_k", 0) or 0), n - 1)
-        return 2 * kept * n * width + 2 * kept * k * width + 2 * n * width
-    return None
+    return None if own is None else int(own(n, kept, width))
 
 
 def projector_flops(vision_width: int, llm_width: int, tokens: int) -> int:
@@ -203,7 +218,7 @@ def sample_flops(
         reduce = [0 if in_llm else reducer_flops(reducer, v.patches, k, width) for k in per_image]
         out.update(
             vit=images * vit_flops(v),
-            signals=images * signal_flops(v, () if in_llm else requires),
+            signals=signal_flops(shape, () if in_llm else requires, images, text_tokens),
             reducer=None if any(r is None for r in reduce) else sum(r for r in reduce if r is not None),
             projector=projector_flops(v.width, llm.width, kept if space == "vision" else images * v.patches),
             prefill_full=prefill_flops(llm, images * v.patches + text_tokens),

@@ -49,6 +49,9 @@ class Benchmark:
             the mean of `bench/<task>/<metric>` over the tasks (e.g. POPE's F1 over its three splits).
         compare_to_full: also run the unreduced model (reducer none) and report % of its score per
             metric and answer agreement per task.
+        compare_batch_size: also answer with the same (reduced) model at this batch size and report
+            `batch_agreement/<task>`, the fraction of identical answers, e.g. 1 for a batch-8 run or 8
+            for a paper row run at batch 1: whether batching changed any answer (None: off).
         api_judge: allow tasks that call a network judge (ActivityNet-QA's GPT scoring).
         warmup: untimed warm-up generations before the first timed batch.
     """
@@ -64,10 +67,15 @@ class Benchmark:
     video_frames: int = 8
     aggregates: dict[str, dict[str, Any]] = field(default_factory=dict)
     compare_to_full: bool = False
+    compare_batch_size: int | None = None
     api_judge: bool = False
     warmup: int = 1
 
     def __post_init__(self) -> None:
+        if self.compare_batch_size is not None and self.compare_batch_size < 1:
+            raise ValueError(
+                f"benchmark.compare_batch_size must be >= 1 or null, got {self.compare_batch_size}"
+            )
         # Hydra passes DictConfig / ListConfig for container fields: keep plain Python containers
         for name in ("tasks", "task_overrides", "aggregates"):
             value = getattr(self, name)
@@ -220,6 +228,8 @@ def evaluate(
     }
     if benchmark.compare_to_full:
         outcome.update(_compare_to_full(adapter, benchmark, specs, task_manager, seed, samples_path, outcome))
+    if benchmark.compare_batch_size is not None:
+        outcome.update(_compare_batch(adapter, benchmark, specs, task_manager, seed, samples_path, outcome))
     return outcome
 
 
@@ -329,6 +339,37 @@ def _compare_to_full(
     return {"metrics": metrics, "full_samples": records}
 
 
+def batch_samples_path(samples_path: str | os.PathLike, batch_size: int) -> Path:
+    """Where the records of the `compare_batch_size` pass go, beside the run's own."""
+    return Path(samples_path).with_suffix(f".batch{batch_size}.jsonl")
+
+
+def _compare_batch(
+    adapter: Any,
+    benchmark: Benchmark,
+    specs: list,
+    task_manager: Any,
+    seed: int,
+    samples_path: str | os.PathLike | None,
+    reduced: dict[str, Any],
+) -> dict[str, Any]:
+    """The same model and tasks at `benchmark.compare_batch_size`: per task, the share of identical answers."""
+    import dataclasses
+
+    size = int(benchmark.compare_batch_size)
+    other = dataclasses.replace(benchmark, batch_size=size, compare_to_full=False, compare_batch_size=None)
+    path = None if samples_path is None else batch_samples_path(samples_path, size)
+    with tempfile.TemporaryDirectory(prefix="tokenprune-files-") as scratch:
+        output, records = _pass(adapter, other, specs, task_manager, seed, path, scratch)
+    if output is None:
+        return {}
+    agreement = answer_agreement(reduced["samples"], records)
+    metrics = dict(reduced["metrics"])
+    metrics.update({"batch_agreement/" + k.removeprefix("agreement/"): v for k, v in agreement.items()})
+    metrics["batch_agreement/batch_size"] = float(size)
+    return {"metrics": metrics, "batch_samples": records}
+
+
 def answer_agreement(reduced: list[dict[str, Any]], full: list[dict[str, Any]]) -> dict[str, float]:
     """Per task, the fraction of samples (answered by both) whose answers are identical."""
     full_answers = {(r["task"], r["doc_id"]): r["answer"] for r in full if "failed" not in r}
@@ -412,6 +453,8 @@ def _evaluate_and_write(
     if (force or stale) and int(os.environ.get("RANK", "0")) == 0:
         SampleStore(samples_file).clear()
         SampleStore(samples_file.with_suffix(".full.jsonl")).clear()
+        if cfg.benchmark.get("compare_batch_size"):
+            SampleStore(batch_samples_path(samples_file, int(cfg.benchmark.compare_batch_size))).clear()
     started = datetime.now(timezone.utc)
     if adapter is None:
         overrides = {}
@@ -456,6 +499,8 @@ def _evaluate_and_write(
     }
     if "full_samples" in outcome:
         result["full_samples_file"] = samples_file.with_suffix(".full.jsonl").name
+    if "batch_samples" in outcome:
+        result["batch_samples_file"] = batch_samples_path(samples_file, benchmark.compare_batch_size).name
     if artifacts.is_dir():
         result["artifacts"] = artifacts.name
     write_result(path, result)

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.models._views import SplicedInputs, assemble, gathered_positions, reduce_items
 from tokenprune.models.base import AdapterCore, Capabilities, VisionFlops, load_pretrained
-from tokenprune.models.signals import clip_cls_attention
+from tokenprune.models.signals import SIGNAL_DTYPES, clip_cls_attention
 from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video, VisualTokens
 
 # LLaVA-1.5's vicuna_v1 conversation format, as its training and eval scripts render it.
@@ -65,6 +65,7 @@ class LlavaAdapter(AdapterCore):
         reducer: Reducer | None = None,
         prompt: str = LLAVA15_PROMPT,
         image_aspect: str = "crop",
+        signal_dtype: str = "float32",
     ) -> None:
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
@@ -80,6 +81,9 @@ class LlavaAdapter(AdapterCore):
         self.processor = processor
         self.prompt = prompt
         self.image_aspect = image_aspect
+        if signal_dtype not in SIGNAL_DTYPES:
+            raise ValueError(f"signal_dtype must be one of {SIGNAL_DTYPES}, got {signal_dtype!r}")
+        self.signal_dtype = signal_dtype
         self.image_token_id = config.image_token_id
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
@@ -96,6 +100,7 @@ class LlavaAdapter(AdapterCore):
         prompt: str = LLAVA15_PROMPT,
         image_aspect: str = "crop",
         build: str | None = None,
+        signal_dtype: str = "float32",
     ) -> LlavaAdapter:
         """Load a LLaVA checkpoint (local folder or hub id in the HF cache).
 
@@ -110,6 +115,9 @@ class LlavaAdapter(AdapterCore):
                 before resizing (LLaVA-1.5's `image_aspect_ratio=pad`, used in its training and
                 most of its evals); "crop" is the HF processor's resize + centre crop.
             build: name of a tiny test model to build at `path` when it is missing (tokenprune.models.tiny).
+            signal_dtype: PruMerge's CLS attention in "float32" (CLS row only) or in the tower's dtype
+                ("model": the reference's full-matrix fp16 arithmetic, for bit-for-bit agreement with
+                it; see `tokenprune.models.signals.clip_cls_attention`).
         """
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -122,7 +130,14 @@ class LlavaAdapter(AdapterCore):
             device,
             lambda source: (AutoProcessor.from_pretrained(source),),
         )
-        return cls(model, processor, reducer=reducer, prompt=prompt, image_aspect=image_aspect)
+        return cls(
+            model,
+            processor,
+            reducer=reducer,
+            prompt=prompt,
+            image_aspect=image_aspect,
+            signal_dtype=signal_dtype,
+        )
 
     def projector(self) -> torch.nn.Module:
         """The trainable bridge between the vision tower and the LLM (the 2-layer MLP)."""
@@ -185,7 +200,9 @@ class LlavaAdapter(AdapterCore):
             states.append(hidden)
         signals = {}
         if wants_signals:
-            signals[VIT_CLS_ATTN], signals[VIT_KEYS] = clip_cls_attention(layers[-1], states[n_layers - 1])
+            signals[VIT_CLS_ATTN], signals[VIT_KEYS] = clip_cls_attention(
+                layers[-1], states[n_layers - 1], self.signal_dtype
+            )
         missing = set(self.reducer.requires) - set(self.capabilities.signals)
         if missing:
             raise ValueError(

@@ -11,29 +11,41 @@ import itertools
 import torch
 from torch import nn
 
+SIGNAL_DTYPES = ("float32", "model")
 
-def clip_cls_attention(last_layer: nn.Module, penultimate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def clip_cls_attention(
+    last_layer: nn.Module, penultimate: torch.Tensor, dtype: str = "float32"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PruMerge's CLS attention and patch keys from the last CLIP encoder layer.
 
     The reference PruMerge definition (notes/prumerge.md §2.2): Q and K are the last layer's
     `q_proj` / `k_proj` outputs (bias included, unscaled) applied to its `layer_norm1` of the
     penultimate hidden state; the attention is one full-width head,
     softmax(Q Kᵀ / sqrt(C)) over all N+1 keys (CLS included), read at the CLS row, patch columns.
-    This is not the model's own 16-head attention. Only the CLS query row is computed (the
-    softmax is per row, so it equals row 0 of the full matrix). The logits and softmax run in
-    float32, so fp16/bf16 towers cannot overflow here.
+    This is not the model's own 16-head attention.
 
     Args:
         last_layer: a `CLIPEncoderLayer` (has `layer_norm1` and `self_attn.{q,k}_proj`).
         penultimate: [B, N+1, C] the hidden state entering that layer, CLS first.
+        dtype: "float32" (default) computes only the CLS query row, logits and softmax in float32,
+            so fp16/bf16 towers cannot overflow here; "model" computes as the reference does, in the
+            tower's dtype: the full [N+1, N+1] logits, scaled and softmaxed in that dtype, then row 0
+            (fp16: the reference's attention values bit for bit, hence its ties and its kept order).
 
     Returns:
-        (vit_cls_attn [B, N] float32, vit_keys [B, N, C] in the tower's dtype)
+        (vit_cls_attn [B, N] float32 or the tower's dtype, vit_keys [B, N, C] in the tower's dtype)
     """
+    if dtype not in SIGNAL_DTYPES:
+        raise ValueError(f"signal_dtype must be one of {SIGNAL_DTYPES}, got {dtype!r}")
     normed = last_layer.layer_norm1(penultimate)  # [B, N+1, C]
-    query = last_layer.self_attn.q_proj(normed[:, :1])  # [B, 1, C]
     keys = last_layer.self_attn.k_proj(normed)  # [B, N+1, C]
     scale = keys.shape[-1] ** -0.5
+    if dtype == "model":
+        query = last_layer.self_attn.q_proj(normed)  # [B, N+1, C]
+        logits = torch.matmul(query, keys.transpose(1, 2)) * scale  # [B, N+1, N+1], tower dtype
+        return logits.softmax(dim=-1)[:, 0, 1:], keys[:, 1:]
+    query = last_layer.self_attn.q_proj(normed[:, :1])  # [B, 1, C]
     logits = torch.matmul(query.float(), keys.float().transpose(1, 2)) * scale  # [B, 1, N+1]
     attention = logits.softmax(dim=-1)[:, 0, 1:]  # [B, N]
     return attention, keys[:, 1:]

@@ -29,6 +29,10 @@ class NoReduction:
     def __call__(self, tokens: VisualTokens) -> Reduced:
         return identity(tokens)
 
+    def flops(self, n: int, kept: int, width: int) -> int:
+        """Index selection: no arithmetic."""
+        return 0
+
 
 class RandomPrune:
     """Keeps a seeded random subset of patches, in raster order.
@@ -55,6 +59,10 @@ class RandomPrune:
             self._cache[(n, budget)] = torch.randperm(n, generator=generator)[:budget].sort().values
         return keep_same_for_all(tokens, self._cache[(n, budget)])
 
+    def flops(self, n: int, kept: int, width: int) -> int:
+        """Index selection: no arithmetic."""
+        return 0
+
 
 class UniformSample:
     """Keeps patches on a regular 2-D grid (cell centres), exactly `budget` of them.
@@ -77,6 +85,10 @@ class UniformSample:
         if budget == n:
             return identity(tokens)
         return keep_same_for_all(tokens, uniform_indices(budget, tokens.grid))
+
+    def flops(self, n: int, kept: int, width: int) -> int:
+        """Index selection: no arithmetic."""
+        return 0
 
 
 def uniform_indices(budget: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -123,3 +135,7 @@ class AvgPool:
         index = centre.expand(b, -1)  # [B, rows*cols]
         lengths = torch.full((b,), rows * cols, device=device, dtype=torch.long)
         return Reduced(features=pooled, index=index, lengths=lengths)
+
+    def flops(self, n: int, kept: int, width: int) -> int:
+        """One add per patch and channel (the pooling windows cover the grid once)."""
+        return n * width

@@ -7,14 +7,16 @@ degenerate case in `docs/prumerge.md`), batched and vectorised:
 2. IQR outliers: m = #{a > Q3 + 1.5 IQR}, per image (`iqr_scope="image"`, batch-invariant) or pooled
    over the batch as the reference does (`"batch"`: every image keeps floor(#outliers / B)).
 3. Keep the m highest-attention patches (descending attention). PruMerge+ adds grid points:
-   the reference's raster stride rule (`grid="adaptive"`) or a 2-D grid to a fixed budget.
+   the reference's raster stride rule (`grid="adaptive"`), the reference's fixed 72 + 72 branch with
+   its duplicates (`"reference_fixed"`) or a deduplicated 2-D grid to a fixed budget (`"fixed"`).
 4. Each kept patch absorbs its `knn_k` nearest patches by key cosine among *all* other patches,
    ranked in the reference's candidate order: x_t + sum_j a_j x_j (`merge="reference"`).
 5. One extra token, sum over unkept patches of a_j x_j, is appended last.
 
 Per image the kept patches and the rest form one permutation of the N patches ("plan order":
 kept ones in output order, then the others ascending), which is exactly the reference's candidate
-list with the centre removed. That makes every step a fixed-size batched tensor op.
+list with the centre removed. That makes every step a fixed-size batched tensor op. This module
+decides the plan; `prumerge_merge` merges and assembles the output.
 """
 
 from __future__ import annotations
@@ -24,19 +26,16 @@ from functools import lru_cache
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
-from tokenprune.reducers._ops import gather_tokens, identity
+from tokenprune.reducers._ops import identity
 from tokenprune.reducers.baselines import uniform_indices
+from tokenprune.reducers.prumerge_merge import empty_reduced, neighbours, reduce_plan
 from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reduced, Space, VisualTokens
 
 Scope = Literal["image", "batch"]
 Merge = Literal["reference", "average", "none"]
 Order = Literal["reference", "spatial"]
-Grid = Literal["adaptive", "fixed"]
-
-_CASCADE_BLOCK = 16  # torch's CPU `sum` adds rows in blocks of 16, then adds the block sums (cascade)
-_CASCADE_LEVELS = 4
+Grid = Literal["adaptive", "fixed", "reference_fixed"]
 
 
 @dataclass
@@ -45,7 +44,8 @@ class MergePlan:
 
     Attributes:
         order: [B, N] long; per image a permutation of the patches: the kept ones in output order
-            (descending attention, then grid points ascending), then the others ascending.
+            (descending attention, then grid points ascending), then the others ascending
+            (grid="reference_fixed": kept slots may repeat a patch, and as many unkept ones are missing).
         kept: [B] long; M_b, the number of kept patches (the extra token not counted).
         neighbours: [B, Mmax, k] long; for kept slot i, the k other patches with the most similar
             keys, most similar first. Rows at or past `kept[b]` are filler.
@@ -80,7 +80,8 @@ class PruMerge:
 
     space: ClassVar[Space] = "vision"
     requires: ClassVar[tuple[str, ...]] = (VIT_CLS_ATTN, VIT_KEYS)
-    merge_chunk: int | None = None  # images merged per pass (None: auto, see `_reduce`); not a config field
+    # images merged per pass (None: auto, see `prumerge_merge.reduce_plan`); not a config field
+    merge_chunk: int | None = None
 
     def __init__(
         self,
@@ -100,18 +101,30 @@ class PruMerge:
         """Plan order [B, N] and kept counts [B] (see `MergePlan`)."""
         attn = _attention(tokens)  # [B, N] float32
         counts, _, _ = _outlier_counts(attn, self.iqr_scope, self.iqr_factor, self.min_keep)
-        return _plan_order(_attention_rank(attn), counts)
+        return _plan_order(_attention_rank(attn, counts, _signal_dtype(tokens)), counts)
 
     def plan(self, tokens: VisualTokens) -> MergePlan:
         """The kept patches and their merge neighbourhoods (for inspection and visualisation)."""
         return _make_plan(tokens, *self.select(tokens), self.knn_k)
 
+    def flops(self, n: int, kept: int, width: int) -> int:
+        """Per image, N patches to `kept` tokens: see `_merge_flops`."""
+        return _merge_flops(n, kept, width, self.knn_k, self.merge, self.extra_token)
+
     def __call__(self, tokens: VisualTokens) -> Reduced:
         if tokens.features.shape[0] == 0:
-            return _empty(tokens)
+            return empty_reduced(tokens)
         order, kept = self.select(tokens)
-        return _reduce(
-            tokens, order, kept, self.knn_k, self.merge, self.order, self.extra_token, self.merge_chunk
+        return reduce_plan(
+            tokens,
+            _attention(tokens),
+            order,
+            kept,
+            self.knn_k,
+            self.merge,
+            self.order,
+            self.extra_token,
+            self.merge_chunk,
         )
 
 
@@ -121,7 +134,13 @@ class PruMergePlus:
     Args:
         grid: "adaptive" adds the reference's raster grid {0, s, 2s, ...} < N - 1 with
             s = floor(floor(1 / r) / 3), r the outlier ratio (about 3 m extra patches); "fixed" keeps
-            exactly `budget` patches: the `top_k` highest-attention ones plus a 2-D uniform grid.
+            exactly `budget` patches: the `top_k` highest-attention ones plus a 2-D uniform grid;
+            "reference_fixed" is the authors' fixed branch (`if_adaptive=False`, the only one of theirs
+            that runs at B > 1): the N // 8 highest-attention patches, then the raster points
+            {4, 12, 20, ...} < N - 1 (columns 4, 12, 20 at 24 x 24) *without* de-duplication, and the
+            reference's complement, which drops the d smallest unkept patches when d points repeat a
+            top patch: 2 N // 8 kept slots (144 at N = 576) + the extra token. `budget`, `top_k` and
+            the IQR fields are unused; it needs N // 8 raster points (true at N = 576, as the reference).
         budget: patches kept with grid="fixed" (extra token not counted; >= N keeps the input as is).
         top_k: top-attention patches within the fixed budget (None: budget // 2, the reference's 72 + 72).
         iqr_scope, iqr_factor, knn_k, merge, order, extra_token, min_keep: as in `PruMerge`
@@ -130,7 +149,8 @@ class PruMergePlus:
 
     space: ClassVar[Space] = "vision"
     requires: ClassVar[tuple[str, ...]] = (VIT_CLS_ATTN, VIT_KEYS)
-    merge_chunk: int | None = None  # images merged per pass (None: auto, see `_reduce`); not a config field
+    # images merged per pass (None: auto, see `prumerge_merge.reduce_plan`); not a config field
+    merge_chunk: int | None = None
 
     def __init__(
         self,
@@ -145,13 +165,13 @@ class PruMergePlus:
         extra_token: bool = True,
         min_keep: int = 0,
     ) -> None:
-        if grid not in ("adaptive", "fixed"):
-            raise ValueError(f"grid must be 'adaptive' or 'fixed', got {grid!r}")
+        if grid not in ("adaptive", "fixed", "reference_fixed"):
+            raise ValueError(f"grid must be 'adaptive', 'fixed' or 'reference_fixed', got {grid!r}")
         if budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         if top_k is not None and not 0 <= top_k <= budget:
             raise ValueError(f"top_k must be in [0, budget={budget}], got {top_k}")
-        _check_common(iqr_scope, iqr_factor, knn_k, merge, order, extra_token, min_keep, grid == "fixed")
+        _check_common(iqr_scope, iqr_factor, knn_k, merge, order, extra_token, min_keep, grid != "adaptive")
         self.grid, self.budget, self.top_k = grid, budget, top_k
         self.iqr_scope, self.iqr_factor, self.knn_k = iqr_scope, iqr_factor, knn_k
         self.merge, self.order, self.extra_token, self.min_keep = merge, order, extra_token, min_keep
@@ -159,36 +179,61 @@ class PruMergePlus:
     def select(self, tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """Plan order [B, N] and kept counts [B] (see `MergePlan`)."""
         attn = _attention(tokens)  # [B, N] float32
-        rank = _attention_rank(attn)  # [B, N]
-        n = attn.shape[1]
-        if self.grid == "fixed":
+        b, n = attn.shape
+        dtype = _signal_dtype(tokens)
+        if self.grid == "adaptive":
+            counts, outliers, pooled = _outlier_counts(attn, self.iqr_scope, self.iqr_factor, self.min_keep)
+            rank = _attention_rank(attn, counts, dtype)  # [B, N]
+            return _plan_order(rank, counts, _raster_grid(counts, outliers, pooled, n))
+        if self.grid == "reference_fixed":
+            top_k = n // 8
+        else:
             budget = min(self.budget, n)
             top_k = min(budget // 2 if self.top_k is None else self.top_k, budget)
-            counts = torch.full((attn.shape[0],), top_k, dtype=torch.long, device=attn.device)
-            return _plan_order(rank, counts, _fixed_grid(rank, top_k, budget, tokens.grid))
-        counts, outliers, pooled = _outlier_counts(attn, self.iqr_scope, self.iqr_factor, self.min_keep)
-        return _plan_order(rank, counts, _raster_grid(counts, outliers, pooled, n))
+        counts = torch.full((b,), top_k, dtype=torch.long, device=attn.device)
+        rank = _attention_rank(attn, counts, dtype)  # [B, N]
+        if self.grid == "reference_fixed":
+            return _reference_fixed_order(rank)
+        return _plan_order(rank, counts, _fixed_grid(rank, top_k, budget, tokens.grid))
 
     def plan(self, tokens: VisualTokens) -> MergePlan:
         """The kept patches and their merge neighbourhoods (for inspection and visualisation)."""
         return _make_plan(tokens, *self.select(tokens), self.knn_k)
 
+    def flops(self, n: int, kept: int, width: int) -> int:
+        """Per image, N patches to `kept` tokens: see `_merge_flops`."""
+        return _merge_flops(n, kept, width, self.knn_k, self.merge, self.extra_token)
+
     def __call__(self, tokens: VisualTokens) -> Reduced:
         if tokens.features.shape[0] == 0:
-            return _empty(tokens)
+            return empty_reduced(tokens)
         if self.grid == "fixed" and self.budget >= tokens.features.shape[1]:
             return identity(tokens)
         order, kept = self.select(tokens)
-        return _reduce(
-            tokens, order, kept, self.knn_k, self.merge, self.order, self.extra_token, self.merge_chunk
+        return reduce_plan(
+            tokens,
+            _attention(tokens),
+            order,
+            kept,
+            self.knn_k,
+            self.merge,
+            self.order,
+            self.extra_token,
+            self.merge_chunk,
         )
 
 
-def _empty(tokens: VisualTokens) -> Reduced:
-    """The output for an empty batch: [0, 0, D] features."""
-    x = tokens.features
-    index = torch.zeros(0, 0, dtype=torch.long, device=x.device)
-    return Reduced(features=x[:, :0], index=index, lengths=torch.zeros(0, dtype=torch.long, device=x.device))
+def _merge_flops(n: int, kept: int, width: int, knn_k: int, merge: str, extra_token: bool) -> int:
+    """FLOPs of merging N patches of width C (keys and features alike) into `kept` output tokens.
+
+    M = kept (less the extra token) centres: key cosines against every patch 2 M N C, the weighted
+    neighbour sums 2 M k C (k = knn_k, capped at N - 1; none with merge="none") and the extra token's
+    weighted sum over the unkept patches, counted as 2 N C. Selection (IQR, sorts) is not counted.
+    """
+    centres = max(kept - int(extra_token and kept > 0), 0)
+    k = min(knn_k, n - 1)
+    merging = 0 if merge == "none" else 2 * centres * n * width + 2 * centres * k * width
+    return merging + (2 * n * width if extra_token else 0)
 
 
 def _check_common(
@@ -260,12 +305,32 @@ def _outlier_counts(
     return counts, outliers, pooled
 
 
-def _attention_rank(attn: torch.Tensor) -> torch.Tensor:
-    """[B, N] position of each patch when sorted by descending attention (ties: lower index first)."""
+def _signal_dtype(tokens: VisualTokens) -> torch.dtype:
+    return tokens.signals[VIT_CLS_ATTN].dtype
+
+
+def _attention_rank(attn: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N] position of each patch in descending attention; the first counts[b] decide what is kept.
+
+    A float32 signal is sorted stably (ties: lower index first). A half-precision signal (the
+    tower's dtype, `signal_dtype=model`) has many exact ties, which the reference orders by
+    `topk(a, m)` in that dtype: each image's top counts[b] are then taken from `topk` with exactly
+    its count (one call per image; the others follow in stable order), so the kept patches and their
+    order (their positions in the LLM) are the reference's.
+    """
     b, n = attn.shape
     by_attention = torch.sort(attn, dim=1, descending=True, stable=True).indices  # [B, N]
     positions = torch.arange(n, device=attn.device).expand(b, n)
-    return torch.empty_like(by_attention).scatter_(1, by_attention, positions)
+    rank = torch.empty_like(by_attention).scatter_(1, by_attention, positions)  # [B, N]
+    if dtype not in (torch.float16, torch.bfloat16):
+        return rank
+    signal = attn.to(dtype)  # [B, N], the signal's own values (finite rows unchanged)
+    for i, m in enumerate(counts.tolist()):  # over images: topk takes each image's own count
+        if m > 0:
+            top = torch.topk(signal[i], m).indices  # [m] in the reference's order
+            rank[i] = rank[i] + m  # the others after the top m, in stable order
+            rank[i, top] = torch.arange(m, device=attn.device)
+    return rank
 
 
 def _raster_grid(counts: torch.Tensor, outliers: torch.Tensor, pooled: int, n: int) -> torch.Tensor:
@@ -325,6 +390,36 @@ def _grid_priority(grid: tuple[int, int], count: int, device: str) -> torch.Tens
     return torch.empty(n, dtype=torch.long).scatter_(0, sequence, torch.arange(n)).to(device)
 
 
+def _reference_fixed_order(rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan order [B, N] and kept counts [B] of the authors' fixed PruMerge+ branch (ratio 1/8).
+
+    Kept slots: the k = N // 8 top-attention patches (descending), then the raster points
+    4, 12, 20, ... < N - 1, duplicates kept (2k slots). The rest of the order is the reference's
+    complement: the unkept patches ascending without the d smallest, d = the number of repeated
+    slots (its scatter-to-zero + sort + drop-2k construction), so it has N - 2k entries and a
+    dropped patch is neither a merge candidate nor in the extra token.
+    """
+    b, n = rank.shape
+    k = n // 8
+    grid = torch.arange(4, n - 1, 8, device=rank.device)  # [k] when N // 8 points fit
+    if grid.numel() != k:
+        raise ValueError(
+            f"grid=reference_fixed needs N // 8 = {k} raster points 4, 12, ... < N - 1, got {grid.numel()} "
+            f"for N = {n} (the reference's fixed branch only runs where they agree, e.g. N = 576)"
+        )
+    top = rank.argsort(dim=1)[:, :k]  # [B, k] patch ids by descending attention
+    chosen = torch.cat([top, grid.expand(b, -1)], dim=1)  # [B, 2k], duplicates kept
+    selected = torch.zeros(b, n, dtype=torch.bool, device=rank.device).scatter_(1, chosen, True)  # [B, N]
+    repeated = 2 * k - selected.sum(dim=1)  # [B] d
+    pos = torch.arange(n, device=rank.device).expand(b, n)
+    unkept = torch.where(selected, pos + n, pos).argsort(dim=1)  # [B, N]: unkept ascending first
+    tail = unkept.gather(
+        1, torch.arange(n - 2 * k, device=rank.device)[None] + repeated[:, None]
+    )  # [B, N-2k]
+    kept = torch.full((b,), 2 * k, dtype=torch.long, device=rank.device)
+    return torch.cat([chosen, tail], dim=1), kept
+
+
 def _plan_order(
     rank: torch.Tensor, counts: torch.Tensor, extra: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,205 +434,7 @@ def _plan_order(
     return order, kept
 
 
-# --------------------------------------------------------------------------------------------------
-# merging
-
-
 def _make_plan(tokens: VisualTokens, order: torch.Tensor, kept: torch.Tensor, knn_k: int) -> MergePlan:
     weights = _attention(tokens).to(tokens.features.dtype)  # [B, N]
-    mmax = int(kept.max()) if kept.numel() else 0
-    neighbours = _neighbours(tokens.signals[VIT_KEYS], order, mmax, knn_k)
-    return MergePlan(order=order, kept=kept, neighbours=neighbours, weights=weights)
-
-
-def _neighbours(keys: torch.Tensor, order: torch.Tensor, mmax: int, knn_k: int) -> torch.Tensor:
-    """[B, Mmax, k] the k most key-similar other patches of each kept slot, most similar first.
-
-    Slot i's candidates are the plan order without position i, i.e. the reference's list
-    [kept before i, kept after i, unkept ascending]; `topk` runs over them in that order so ties
-    resolve as in the reference. Similarities of fp32 keys are computed in float64, so rankings do
-    not depend on the batch size through GEMM blocking; fp16/bf16 keys stay in their dtype (the
-    reference's ties come from that rounding). A patch whose key is not finite is nobody's neighbour.
-    """
-    b, n, _ = keys.shape
-    k = min(knn_k, n - 1)
-    if mmax == 0 or k <= 0:
-        return torch.zeros(b, mmax, 0, dtype=torch.long, device=keys.device)
-    norm = torch.linalg.vector_norm(keys, dim=-1, keepdim=True)  # [B, N, 1]
-    unit = keys / norm.clamp_min(1e-12)  # [B, N, C], F.normalize as the reference
-    if unit.dtype == torch.float32:
-        unit = unit.double()
-    centres = gather_tokens(unit, order[:, :mmax])  # [B, Mmax, C]
-    similarity = torch.bmm(centres, unit.transpose(1, 2))  # [B, Mmax, N], columns by patch id
-    corrupt = ~torch.isfinite(norm[..., 0])  # [B, N]: a non-finite key is nobody's neighbour
-    similarity.masked_fill_(corrupt[:, None, :] | corrupt.gather(1, order[:, :mmax])[:, :, None], -2.0)
-    slot = torch.arange(mmax, device=keys.device)[:, None]  # [Mmax, 1]
-    j = torch.arange(n - 1, device=keys.device)[None]  # [1, N-1]
-    skip_self = (j + (j >= slot)).flatten().expand(b, -1)  # [B, Mmax*(N-1)]: plan positions but slot i
-    candidates = order.gather(1, skip_self).view(b, mmax, n - 1)  # [B, Mmax, N-1] patch ids, reference order
-    best = similarity.gather(2, candidates).topk(k, dim=2).indices  # [B, Mmax, k]
-    return candidates.gather(2, best)
-
-
-def _cascade_sum(table: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_j table[ids[r, j]] over j < lengths[r] -> [R, D], in the order torch's CPU `sum` adds rows.
-
-    That order is a cascade: rows are added one by one in blocks of 16; full blocks' sums are
-    added one by one into a second level, whose sums of 16 blocks go to a third, and so on; the
-    partial sums of all levels are added at the end, lowest level first. Summing
-    `x[ids[r]].sum(0)` per row (what the reference does per token) therefore gives the same bits
-    as this, which needs no [R, L, D] intermediate: `embedding_bag` adds each group sequentially.
-    Trailing invalid rows act as zeros, which change nothing. Holds on CPU for feature widths that
-    are a multiple of 32 (torch sums other widths in another order).
-
-    Args:
-        table: [T, D] rows to add (float32/float64; fp16/bf16 rows upcast, as torch accumulates them).
-        ids: [R, L] long row ids into table.
-        lengths: [R] number of valid ids per row (default: all L).
-    """
-    r, length = ids.shape
-    if length == 0:
-        return table.new_zeros(r, table.shape[1])
-    blocks = -(-length // _CASCADE_BLOCK)
-    starts = torch.arange(blocks + 1, device=ids.device) * _CASCADE_BLOCK  # [blocks + 1]
-    valid = torch.full((r, 1), length, device=ids.device) if lengths is None else lengths[:, None]
-    # bag q of row r: its ids [16q, 16q + 16) cut at lengths[r]; one more bag takes the invalid tail
-    offsets = torch.arange(r, device=ids.device)[:, None] * length + torch.minimum(starts[None], valid)
-    offsets = torch.cat([offsets.flatten(), offsets.new_full((1,), r * length)])  # + the end of the last bag
-    bags = F.embedding_bag(ids.flatten(), table, offsets, mode="sum", include_last_offset=True)
-    items = bags.view(r, blocks + 1, -1)[:, :blocks]  # [R, blocks, D]; empty bags are zero
-    partials = []  # the partial sum left at each level, lowest first
-    full = length // _CASCADE_BLOCK
-    if full < blocks:
-        partials.append(items[:, full])
-    items = items[:, :full]  # [R, full blocks, D]
-    for level in range(1, _CASCADE_LEVELS):  # over cascade levels (at most 4), never over tokens
-        count = items.shape[1]
-        groups = 0 if level == _CASCADE_LEVELS - 1 else count // _CASCADE_BLOCK
-        if count > groups * _CASCADE_BLOCK:
-            partials.append(_sequential_sum(items[:, groups * _CASCADE_BLOCK :]))
-        if groups == 0:
-            break
-        grouped = items[:, : groups * _CASCADE_BLOCK].reshape(r * groups, _CASCADE_BLOCK, -1)
-        items = _sequential_sum(grouped).view(r, groups, -1)  # [R, groups, D]
-    total = partials[0]
-    for part in partials[1:]:
-        total = total + part
-    return total
-
-
-def _sequential_sum(items: torch.Tensor) -> torch.Tensor:
-    """[R, L, D] -> [R, D], adding the L rows one after the other (embedding_bag's order)."""
-    r, length, d = items.shape
-    ids = torch.arange(r * length, device=items.device).view(r, length)
-    return F.embedding_bag(ids, items.reshape(r * length, d), mode="sum")
-
-
-def _merge(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    keys: torch.Tensor,
-    order: torch.Tensor,
-    kept: torch.Tensor,
-    mmax: int,
-    knn_k: int,
-    merge: str,
-    with_extra: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Merged kept tokens [b, Mmax, D] in plan order (rows past kept[b] are filler) and the extra token [b, D].
-
-    Args:
-        x: [b, N, D] features; w: [b, N] attention in x's dtype; keys: [b, N, C].
-        order: [b, N] plan order; kept: [b] kept counts; mmax: max(kept) as a host int.
-    """
-    b, n, d = x.shape
-    centres = gather_tokens(x, order[:, :mmax])  # [b, Mmax, D]
-    # a_j x_j rounded in the feature dtype (as the reference multiplies), summed in the accumulation dtype
-    acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    table = (x * w[..., None]).flatten(0, 1).to(acc_dtype)  # [b*N, D]
-    row_base = torch.arange(b, device=x.device)[:, None] * n  # [b, 1]
-    if merge == "none":
-        y = centres
-    else:
-        neighbours = _neighbours(keys, order, mmax, knn_k)  # [b, Mmax, k]
-        absorbed = _cascade_sum(table, (neighbours + row_base[..., None]).flatten(0, 1))  # [b*Mmax, D]
-        absorbed = absorbed.view(b, mmax, d).to(x.dtype)
-        if merge == "reference":
-            y = centres + absorbed  # the centre keeps weight 1
-        else:  # average: (a_t x_t + sum_j a_j x_j) / (a_t + sum_j a_j)
-            w_centre = w.gather(1, order[:, :mmax])  # [b, Mmax]
-            mass = w.gather(1, neighbours.flatten(1)).view(neighbours.shape).float().sum(-1)  # [b, Mmax]
-            mass = mass + w_centre.float()
-            total = w_centre[..., None] * centres + absorbed  # [b, Mmax, D]
-            y = torch.where((mass > 0)[..., None], (total / mass[..., None]).to(x.dtype), centres)
-    if not with_extra:
-        return y, None
-    # extra token: the unkept patches, ascending (the tail of the plan order)
-    j = torch.arange(n, device=x.device)[None]  # [1, N]
-    unkept = order.gather(1, (j + kept[:, None]).clamp(max=n - 1))  # [b, N], valid below N - kept
-    extra = _cascade_sum(table, unkept + row_base, n - kept).to(x.dtype)  # [b, D]
-    if merge == "average":
-        mass = torch.where(j < (n - kept)[:, None], w.gather(1, unkept), 0).float().sum(1)  # [b]
-        extra = torch.where((mass > 0)[:, None], (extra / mass[:, None].clamp(min=1e-30)).to(x.dtype), extra)
-    return y, extra
-
-
-def _reduce(
-    tokens: VisualTokens,
-    order: torch.Tensor,
-    kept: torch.Tensor,
-    knn_k: int,
-    merge: str,
-    output_order: str,
-    extra_token: bool,
-    merge_chunk: int | None = None,
-) -> Reduced:
-    """Merge and assemble the right-padded output from a plan order [B, N] and kept counts [B].
-
-    The merge runs on `merge_chunk` images at a time (None: the whole batch, except on CPU where
-    one image at a time was measured 2-3x faster at B = 32: the batched temporaries leave the
-    cache). Each image's result does not depend on the chunking.
-    """
-    x = tokens.features  # [B, N, D]
-    b, n, d = x.shape
-    has_extra = (kept < n) & extra_token  # [B]
-    lengths = kept + has_extra.long()  # [B]
-    kept_host = kept.tolist()  # the one host sync: output shapes
-    mmax, m_out = max(kept_host), int(max(k + (k < n and extra_token) for k in kept_host))
-    with_extra = extra_token and min(kept_host) < n
-    w = _attention(tokens).to(x.dtype)  # [B, N]
-    keys = tokens.signals[VIT_KEYS]  # [B, N, C]
-    chunk = merge_chunk or (1 if x.device.type == "cpu" else b)
-    merged, extras = [], []
-    for s in range(0, b, chunk):  # over images (one pass when batched), never over tokens
-        part = slice(s, s + chunk)
-        y_part, extra_part = _merge(
-            x[part],
-            w[part],
-            keys[part],
-            order[part],
-            kept[part],
-            max(kept_host[part]),
-            knn_k,
-            merge,
-            with_extra,
-        )
-        merged.append(F.pad(y_part, (0, 0, 0, mmax - y_part.shape[1])))  # [chunk, Mmax, D]
-        extras.append(extra_part)
-    y = torch.cat(merged) if len(merged) > 1 else merged[0]  # [B, Mmax, D]
-    slot = torch.arange(mmax, device=x.device)
-    valid = slot[None] < kept[:, None]  # [B, Mmax]
-    centre_ids = order[:, :mmax]  # [B, Mmax]
-    index = torch.where(valid, centre_ids, -1)  # [B, Mmax]
-    if output_order == "spatial":
-        resort = torch.where(valid, centre_ids, n + slot[None]).argsort(dim=1)  # [B, Mmax]
-        y, index = gather_tokens(y, resort), index.gather(1, resort)
-    y = torch.where(valid[..., None], y, 0)  # [B, Mmax, D]
-    if m_out > mmax:
-        y = torch.cat([y, y.new_zeros(b, m_out - mmax, d)], dim=1)  # [B, M, D]
-        index = torch.cat([index, index.new_full((b, m_out - mmax), -1)], dim=1)  # [B, M]
-    if with_extra:
-        extra = torch.cat(extras) if len(extras) > 1 else extras[0]  # [B, D]
-        at_extra = torch.arange(m_out, device=x.device)[None] == kept[:, None]  # [B, M]
-        y = torch.where((at_extra & has_extra[:, None])[..., None], extra[:, None, :], y)
-    return Reduced(features=y, index=index, lengths=lengths)
+    nb = neighbours(tokens.signals[VIT_KEYS], order, kept.tolist(), knn_k)  # [B, Mmax, k]
+    return MergePlan(order=order, kept=kept, neighbours=nb, weights=weights)

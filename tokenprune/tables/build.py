@@ -239,8 +239,6 @@ def build_table(
         if source and source not in sources:
             sources.append(source)
         row = Row(label, row_spec.get("section"), {}, {}, [])
-        if row_spec.get("note"):
-            row.notes.append(str(row_spec["note"]))
         used: list[dict[str, Any]] = []
         ambiguous: dict[tuple[int, str], list[str]] = {}
         for col in columns:
@@ -265,6 +263,9 @@ def build_table(
             elif value is not None:
                 value *= col.scale
             row.ours[col.id] = value
+        note = str(row_spec.get("note") or "")
+        if note and ("{" not in note or used):  # `{dotted.key}`: the row's first result's values
+            row.notes.insert(0, label_of(note, used[0]) if "{" in note else note)
         for (n, chosen), labels in ambiguous.items():
             row.notes.append(f"{n} results match ({', '.join(labels)}); the newest is used: {chosen}")
         partial = [r for r in results if r["name"] in row.results and is_partial(r)]
