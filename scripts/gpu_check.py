@@ -112,11 +112,11 @@ def section_parity(run: Run, out: Path) -> dict[str, Any]:
         text=True,
     )
     suite = ElementTree.parse(xml).getroot().find("testsuite")
-    failed = [
-        f"{case.get('name')}: {(case.find('failure') or case.find('error')).get('message', '')[:300]}"
-        for case in suite.iter("testcase")
-        if case.find("failure") is not None or case.find("error") is not None
-    ]
+    failed = []
+    for case in suite.iter("testcase"):
+        problem = next((case.find(tag) for tag in ("failure", "error") if case.find(tag) is not None), None)
+        if problem is not None:  # an Element without children is falsy: compare with None
+            failed.append(f"{case.get('name')}: {problem.get('message', '')[:300]}")
     counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
     return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
             "failed": failed, "ok": done.returncode == 0}  # fmt: skip

@@ -309,8 +309,8 @@ def test_non_finite_signal_fails_its_sample_and_not_its_batch(
     real = llava.clip_cls_attention
     poisoned: dict[str, torch.Tensor] = {}
 
-    def nan_for_one_image(layer, states):
-        attention, keys = real(layer, states)
+    def nan_for_one_image(layer, states, *dtype):
+        attention, keys = real(layer, states, *dtype)
         if "cls" not in poisoned:  # calibration call: remember that image's CLS state
             poisoned["cls"] = states[0, 0].detach().clone()
             return attention, keys

@@ -151,10 +151,12 @@ def test_llm_layer_signals_equal_eager(built, name):
 @pytest.mark.parametrize("name", group_options("reducer"))
 def test_batch_equals_each_sample_alone(name):
     """Every reducer config on the device: batch of 4 == each sample alone (indices exact, fp32)."""
-    from test_reducer_contract import build, sample, tokens, valid
+    from test_reducer_contract import BATCH_COUPLED, build, sample, tokens, valid
 
     from tokenprune.types import VisualTokens
 
+    if name in BATCH_COUPLED:
+        pytest.skip("a documented batch-coupled mode (the reference's batch IQR): batch != alone by design")
     reducer = build(name)
     if reducer.space == "llm_layer":
         pytest.skip("runs inside the LLM: checked on the device by test_llm_layer_signals_equal_eager")

@@ -114,9 +114,20 @@ def _run_installed(site: Path, cwd: Path, *args: str) -> subprocess.CompletedPro
 @pytest.mark.slow
 @pytest.mark.integration
 def test_non_editable_install_runs_eval_and_train_from_another_directory(installed, tmp_path):
-    where = _run_installed(installed, tmp_path, "-c", "import tokenprune.config as c; print(c.CONFIG_DIR)")
+    def modules(root: Path) -> set[str]:
+        return {
+            str(p.relative_to(root)) for p in (root / "tokenprune").rglob("*.py") if "_shipped" not in p.parts
+        }
+
+    assert modules(installed) == modules(PROJECT_ROOT)  # every module travels (a package without
+    # __init__.py would not, and an editable install beside it would hide that)
+    where = _run_installed(
+        installed, tmp_path, "-c",
+        "import tokenprune.config as c, tokenprune.models.llava as m; print(c.CONFIG_DIR); print(m.__file__)",
+    )  # fmt: skip
     assert where.returncode == 0, where.stderr
-    assert Path(where.stdout.strip()).is_relative_to(installed)  # the wheel's configs, not the checkout's
+    for line in where.stdout.split():  # the wheel's configs and code, not the checkout's
+        assert Path(line).is_relative_to(installed), line
 
     names = []
     for cwd in (tmp_path / "one", tmp_path / "two"):

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tokenprune.config import UserError, choices
 
@@ -180,8 +180,15 @@ def check_values(cfg: DictConfig) -> None:
     if benchmark.get("batch_size") is not None and benchmark.batch_size < 1:
         raise UserError(f"benchmark.batch_size={benchmark.batch_size}: give 1 or more")
     reducer = cfg.get("reducer") or {}
-    if reducer.get("keep") is not None and reducer.keep < 1:
-        raise UserError(f"reducer.keep={reducer.keep}: keep at least 1 token (or reducer=none for all)")
+    keep = reducer.get("keep")
+    for value in keep if isinstance(keep, list | tuple | ListConfig) else [keep]:
+        # a count (>= 1), or for reducers that take one (inside the LLM) a fraction in (0, 1]
+        if isinstance(value, bool) or value is None:
+            continue
+        if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0 < value <= 1):
+            raise UserError(
+                f"reducer.keep={keep}: keep at least 1 token, or a fraction in (0, 1] (reducer=none for all)"
+            )
     ratio = reducer.get("ratio")
     if ratio is not None and not 0 < ratio <= 1:
         raise UserError(f"reducer.ratio={ratio}: give a fraction in (0, 1] of the tokens to keep")
