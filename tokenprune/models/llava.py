@@ -21,10 +21,16 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.models._loading import hub_error, resolve_checkpoint, resolve_device, resolve_dtype
-from tokenprune.models.signals import clip_cls_attention, decoder_query_key, text_to_visual_attention
+from tokenprune.models.signals import (
+    clip_cls_attention,
+    clip_feature_layer_signals,
+    decoder_query_key,
+    text_to_visual_attention,
+)
 from tokenprune.models.timing import generate_answers, generated_lengths
 from tokenprune.reducers.baselines import NoReduction
 from tokenprune.types import (
+    FEATURE_LAYER_SIGNALS,
     LLM_SIGNALS,
     LLM_TEXT_ATTN,
     RELEVANCE,
@@ -184,11 +190,18 @@ class LlavaAdapter:
         signals = {}
         if wants_signals:
             signals[VIT_CLS_ATTN], signals[VIT_KEYS] = clip_cls_attention(layers[-1], states[n_layers - 1])
+        if any(name in self.reducer.requires for name in FEATURE_LAYER_SIGNALS):
+            if feature_depth == 0:
+                raise ValueError("vision_feature_layer 0 (the embeddings) has no attention for the signals")
+            computed = clip_feature_layer_signals(
+                layers[feature_depth - 1], states[feature_depth - 1], states[feature_depth]
+            )
+            signals.update({k: v for k, v in zip(FEATURE_LAYER_SIGNALS, computed) if k in self.reducer.requires})
         missing = set(self.reducer.requires) - set(signals) - {VIT_CLS_ATTN, VIT_KEYS, *LLM_SIGNALS}
         if missing:
             raise ValueError(
                 f"{type(self.reducer).__name__} requires signals {sorted(missing)} that the LLaVA adapter "
-                f"does not compute; available: {[VIT_CLS_ATTN, VIT_KEYS]}"
+                f"does not compute; available: {[VIT_CLS_ATTN, VIT_KEYS, *FEATURE_LAYER_SIGNALS]}"
             )
         features = states[feature_depth][:, 1:]  # [I, N, C] drop CLS ("default" strategy)
         return VisualTokens(features=features, grid=self.grid, signals=signals)

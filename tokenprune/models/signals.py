@@ -39,6 +39,37 @@ def clip_cls_attention(last_layer: nn.Module, penultimate: torch.Tensor) -> tupl
     return attention, keys[:, 1:]
 
 
+def clip_feature_layer_signals(
+    layer: nn.Module, entering: torch.Tensor, output: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's / VisPruner's signals of the CLIP feature layer (the one feeding the projector).
+
+    The layer's own multi-head attention (notes/peers_vision.md): Q and K are its `q_proj` /
+    `k_proj` outputs (bias included) of `layer_norm1(entering)`; per head h,
+    softmax(q_h k_hᵀ · head_dim^-½) over all N+1 keys (CLS included), read at the CLS row, patch
+    columns. Only the CLS query row is computed (the softmax is per row), in float32.
+
+    Args:
+        layer: a `CLIPEncoderLayer` (has `layer_norm1`, `self_attn.{q,k}_proj`, `self_attn.num_heads`).
+        entering: [B, N+1, C] the hidden state entering that layer, CLS first.
+        output: [B, N+1, C] the layer's output (the features LLaVA projects, CLS first).
+
+    Returns:
+        (vit_cls_attn_heads [B, H, N] float32, vit_feat_keys [B, N, C] heads concatenated, in the
+        tower's dtype, vit_cls_feature [B, C] the CLS row of `output`)
+    """
+    attn = layer.self_attn
+    normed = layer.layer_norm1(entering)  # [B, N+1, C]
+    b, length, c = normed.shape
+    heads = attn.num_heads
+    query = attn.q_proj(normed[:, :1]).float().view(b, heads, 1, c // heads)  # [B, H, 1, d]
+    keys = attn.k_proj(normed)  # [B, N+1, C]
+    per_head = keys.float().view(b, length, heads, c // heads).permute(0, 2, 3, 1)  # [B, H, d, N+1]
+    logits = torch.matmul(query, per_head) * (c // heads) ** -0.5  # [B, H, 1, N+1]
+    attention = logits.softmax(dim=-1)[:, :, 0, 1:]  # [B, H, N]
+    return attention, keys[:, 1:], output[:, 0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Towers without a CLS token (SigLIP in LLaVA-OneVision, Qwen2-VL's ViT): the `vit_cls_attn`
 # substitute is the mean attention each patch *receives* in the tower's last layer,
