@@ -20,7 +20,9 @@ class NeedsHeads(UniformSample):
 
 def eager_reference(path, pixel_values):
     """The model's own eager attention maps and hidden states; keys from a hook on the layer's k_proj."""
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    )
     layer_index = model.config.vision_feature_layer  # -2: the layer whose output LLaVA projects
     layers = model.model.vision_tower.encoder.layers
     captured = {}
@@ -51,7 +53,9 @@ def test_feature_layer_signals_match_eager_attentions(tiny_llava_path):
 
 
 def test_only_requested_signals(tiny_llava_path):
-    adapter = LlavaAdapter.from_pretrained(tiny_llava_path, reducer=NeedsHeads(keep=8), dtype="float32", device="cpu")
+    adapter = LlavaAdapter.from_pretrained(
+        tiny_llava_path, reducer=NeedsHeads(keep=8), dtype="float32", device="cpu"
+    )
     with torch.no_grad():
         tokens = adapter.visual_tokens(adapter.preprocess(random_images(1)))
     assert set(tokens.signals) == {VIT_CLS_ATTN_HEADS}
@@ -63,7 +67,10 @@ def test_reduces_inside_llava_encode(tiny_llava_path, reducer):
 
     from tokenprune.config import compose
 
-    overrides = {"visionzip": ["reducer.dominant=20", "reducer.contextual=4"], "downsample": ["reducer.keep=16"]}
+    overrides = {
+        "visionzip": ["reducer.dominant=20", "reducer.contextual=4"],
+        "downsample": ["reducer.keep=16"],
+    }
     cfg = compose([f"reducer={reducer}", *overrides.get(reducer, [])])
     adapter = LlavaAdapter.from_pretrained(
         tiny_llava_path, reducer=instantiate(cfg.reducer), dtype="float32", device="cpu"

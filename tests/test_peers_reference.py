@@ -39,18 +39,23 @@ def make_tokens(b: int, grid=(24, 24), dim: int = 32, heads: int = 4, seed: int 
     logits.scatter_add_(2, spikes, 3 + 3 * torch.rand(spikes.shape, generator=g))
     signals = {
         VIT_CLS_ATTN_HEADS: logits.softmax(-1)[:, :, 1:],  # [B, H, N]
-        VIT_FEAT_KEYS: features @ torch.randn(dim, dim, generator=g) + 0.5 * torch.randn(b, n, dim, generator=g),
+        VIT_FEAT_KEYS: features @ torch.randn(dim, dim, generator=g)
+        + 0.5 * torch.randn(b, n, dim, generator=g),
         VIT_CLS_FEATURE: torch.randn(b, dim, generator=g),
     }
     return VisualTokens(features=features, grid=grid, signals=signals)
 
 
 def one(tokens: VisualTokens, i: int) -> VisualTokens:
-    return VisualTokens(tokens.features[i : i + 1], tokens.grid, {k: v[i : i + 1] for k, v in tokens.signals.items()})
+    return VisualTokens(
+        tokens.features[i : i + 1], tokens.grid, {k: v[i : i + 1] for k, v in tokens.signals.items()}
+    )
 
 
 # ------------------------------------------------------------------------------------ oracles
-def visionzip_oracle(tokens: VisualTokens, i: int, dominant: int, contextual: int) -> tuple[list[int], torch.Tensor]:
+def visionzip_oracle(
+    tokens: VisualTokens, i: int, dominant: int, contextual: int
+) -> tuple[list[int], torch.Tensor]:
     features = tokens.features[i]  # [N, D]
     heads = tokens.signals[VIT_CLS_ATTN_HEADS][i]  # [H, N]
     keys = tokens.signals[VIT_FEAT_KEYS][i]  # [N, C]
@@ -88,7 +93,9 @@ def divprune_oracle(tokens: VisualTokens, i: int, keep: int, sort: bool, mask_ch
     return sorted(chosen) if sort else chosen
 
 
-def vispruner_oracle(tokens: VisualTokens, i: int, keep: int, important_ratio: float, step: int = 8) -> list[int]:
+def vispruner_oracle(
+    tokens: VisualTokens, i: int, keep: int, important_ratio: float, step: int = 8
+) -> list[int]:
     attention = tokens.signals[VIT_CLS_ATTN_HEADS][i].mean(dim=0)
     ranked = torch.argsort(attention, descending=True, stable=True).tolist()
     n_important = int(keep * important_ratio)
@@ -175,12 +182,16 @@ def test_divprune_mask_only_matters_on_duplicates() -> None:
     masked = DivPrune(keep=6)(tokens).index[0].tolist()
     assert len(set(masked)) == 6
     assert masked == divprune_oracle(tokens, 0, 6, True, True)
-    assert DivPrune(keep=6, mask_chosen=False)(tokens).index[0].tolist() == divprune_oracle(tokens, 0, 6, True, False)
+    assert DivPrune(keep=6, mask_chosen=False)(tokens).index[0].tolist() == divprune_oracle(
+        tokens, 0, 6, True, False
+    )
 
 
 # ------------------------------------------------------------------------------------ VisPruner
 @pytest.mark.parametrize("b", [1, 3])
-@pytest.mark.parametrize(("keep", "important_ratio"), [(64, 0.5), (128, 0.5), (192, 0.5), (64, 0.75), (63, 0.5), (32, 0.0)])
+@pytest.mark.parametrize(
+    ("keep", "important_ratio"), [(64, 0.5), (128, 0.5), (192, 0.5), (64, 0.75), (63, 0.5), (32, 0.0)]
+)
 def test_vispruner_matches_oracle(b: int, keep: int, important_ratio: float) -> None:
     tokens = make_tokens(b, seed=20 + b)
     out = VisPruner(keep=keep, important_ratio=important_ratio)(tokens)
@@ -245,7 +256,10 @@ def regenerate_golden() -> None:
     GOLDEN.mkdir(parents=True, exist_ok=True)
     tokens = make_tokens(2, seed=2025)
     stored = {k: v.half() for k, v in tokens.signals.items()}  # fp16 on disk, used in fp32: exact and small
-    torch.save({"features": tokens.features.half(), "grid": torch.tensor(tokens.grid), **stored}, GOLDEN / "inputs.pt")
+    torch.save(
+        {"features": tokens.features.half(), "grid": torch.tensor(tokens.grid), **stored},
+        GOLDEN / "inputs.pt",
+    )
     tokens = golden_inputs()
     for case, make in GOLDEN_CASES.items():
         out = make()(tokens)

@@ -289,6 +289,8 @@ def reducer_cases():
     for name in group_options("reducer"):
         node = compose([f"reducer={name}"]).reducer
         overrides = [f"reducer.{k}=6" for k in ("keep", "budget") if k in node and node[k] is not None]
+        if "dominant" in node:  # VisionZip: a budget below the tiny views' token counts
+            overrides += ["reducer.dominant=4", "reducer.contextual=2"]
         out.append(pytest.param(name, overrides, id=name))
     return out
 

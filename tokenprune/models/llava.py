@@ -196,7 +196,9 @@ class LlavaAdapter:
             computed = clip_feature_layer_signals(
                 layers[feature_depth - 1], states[feature_depth - 1], states[feature_depth]
             )
-            signals.update({k: v for k, v in zip(FEATURE_LAYER_SIGNALS, computed) if k in self.reducer.requires})
+            signals.update(
+                {k: v for k, v in zip(FEATURE_LAYER_SIGNALS, computed) if k in self.reducer.requires}
+            )
         missing = set(self.reducer.requires) - set(signals) - {VIT_CLS_ATTN, VIT_KEYS, *LLM_SIGNALS}
         if missing:
             raise ValueError(

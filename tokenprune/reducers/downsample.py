@@ -56,7 +56,9 @@ class Downsample:
         plane = tokens.features.transpose(1, 2).reshape(b, d, h, w)  # [B, D, H, W]
         resized = resize(plane, (rows, cols), self.mode).flatten(2).transpose(1, 2)  # [B, rows*cols, D]
         device = tokens.features.device
-        centre = (cell_centres(rows, h, device)[:, None] * w + cell_centres(cols, w, device)[None, :]).flatten()
+        centre = (
+            cell_centres(rows, h, device)[:, None] * w + cell_centres(cols, w, device)[None, :]
+        ).flatten()
         lengths = torch.full((b,), rows * cols, device=device, dtype=torch.long)
         return Reduced(features=resized.contiguous(), index=centre.expand(b, -1), lengths=lengths)
 

@@ -49,9 +49,7 @@ def complement(chosen: torch.Tensor, n: int) -> torch.Tensor:
     return rank.sort(dim=1).values[:, : n - k]
 
 
-def merge_contextual(
-    features: torch.Tensor, metric: torch.Tensor, contextual: int
-) -> torch.Tensor:
+def merge_contextual(features: torch.Tensor, metric: torch.Tensor, contextual: int) -> torch.Tensor:
     """VisionZip's contextual tokens from the filtered tokens (already in raster order).
 
     Args:
@@ -94,7 +92,9 @@ class VisionZip:
 
     def __init__(self, dominant: int = 54, contextual: int = 10) -> None:
         if dominant < 1 or contextual < 0:
-            raise ValueError(f"VisionZip needs dominant >= 1 and contextual >= 0, got {dominant}, {contextual}")
+            raise ValueError(
+                f"VisionZip needs dominant >= 1 and contextual >= 0, got {dominant}, {contextual}"
+            )
         self.dominant, self.contextual = dominant, contextual
 
     def __call__(self, tokens: VisualTokens) -> Reduced:
