@@ -14,7 +14,7 @@ from tokenprune.types import Reduced, VisualTokens
 
 REDUCERS = group_options("reducer")
 # Reducers whose output tokens are copies of input patches (index names the copied patch).
-PURE_SELECTION = {"none", "random", "uniform", "explain_mapper", "explain_oracle"}
+PURE_SELECTION = {"none", "random", "uniform", "explain_mapper", "explain_oracle", "divprune", "vispruner"}
 GRIDS = [(24, 24), (6, 8)]
 
 
