@@ -49,8 +49,8 @@ def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, target: int, s
         r = min(step, residual.shape[1] - target)
         if r <= 0:
             return residual
-        tokens = torch.gather(unit, 1, residual.unsqueeze(-1).expand(-1, -1, d))  # [B, R, D]
-        a, b = tokens[:, ::2], tokens[:, 1::2]  # [B, ceil(R/2), D], [B, floor(R/2), D]
+        a = torch.gather(unit, 1, residual[:, ::2].unsqueeze(-1).expand(-1, -1, d))  # [B, ceil(R/2), D]
+        b = torch.gather(unit, 1, residual[:, 1::2].unsqueeze(-1).expand(-1, -1, d))  # [B, floor(R/2), D]
         scores = torch.matmul(a, b.transpose(1, 2)).amax(dim=-1)  # [B, ceil(R/2)]
         order = scores.argsort(dim=-1, descending=True, stable=True)[:, r:]  # [B, ceil(R/2) - r]
         residual = torch.cat([torch.gather(residual[:, ::2], 1, order), residual[:, 1::2]], dim=1)
