@@ -49,32 +49,37 @@ def complement(chosen: torch.Tensor, n: int) -> torch.Tensor:
     return rank.sort(dim=1).values[:, : n - k]
 
 
-def merge_contextual(features: torch.Tensor, metric: torch.Tensor, contextual: int) -> torch.Tensor:
-    """VisionZip's contextual tokens from the filtered tokens (already in raster order).
+def merge_contextual(
+    features: torch.Tensor, rest: torch.Tensor, metric: torch.Tensor, contextual: int
+) -> torch.Tensor:
+    """VisionZip's contextual tokens from the filtered patches.
 
     Args:
-        features: [B, M, D] the filtered tokens' features.
+        features: [B, N, D] every patch's feature.
+        rest: [B, M] the filtered patches' indices, in raster order.
         metric: [B, M, c] their head-averaged keys (float32).
         contextual: targets, 1 <= contextual < M.
 
     Returns:
         [B, contextual, D] in the features' dtype, in target order.
     """
-    b, m, d = features.shape
+    b, n, d = features.shape
+    m = rest.shape[1]
     step = max(1, m // contextual)
     target_pos = torch.arange(0, m, step, device=features.device)[:contextual]  # [c]
-    is_target = torch.zeros(m, dtype=torch.bool, device=features.device)
-    is_target[target_pos] = True
+    others = complement(target_pos.unsqueeze(0), m)[0]  # [M-c] ascending (no host sync)
     unit = metric / metric.norm(dim=-1, keepdim=True)  # [B, M, c]
-    similarity = torch.matmul(unit[:, ~is_target], unit[:, target_pos].transpose(1, 2))  # [B, M-c, c]
+    similarity = torch.matmul(unit[:, others], unit[:, target_pos].transpose(1, 2))  # [B, M-c, c]
     assign = similarity.argmax(dim=-1)  # [B, M-c]
-    members = features[:, ~is_target].float()  # [B, M-c, D]
-    sums = members.new_zeros(b, contextual, d).scatter_add(1, assign.unsqueeze(-1).expand(-1, -1, d), members)
-    counts = torch.zeros(b, contextual, device=features.device).scatter_add(
-        1, assign, torch.ones_like(assign, dtype=torch.float32)
-    )  # [B, c]
-    mean = sums / counts.clamp(min=1).unsqueeze(-1)  # [B, c, D] (0 without members)
-    tokens = features[:, target_pos].float() + mean  # [B, c, D]
+    # every patch gets a slot: its target for a member, slot `contextual` (discarded) otherwise, so the
+    # member sums read the features in place (raster order, as the members are listed)
+    slot = torch.full((b, n), contextual, device=features.device, dtype=torch.long)  # [B, N]
+    slot.scatter_(1, rest[:, others], assign)
+    x = features.float()  # [B, N, D]
+    sums = x.new_zeros(b, contextual + 1, d).scatter_add_(1, slot.unsqueeze(-1).expand(-1, -1, d), x)
+    counts = x.new_zeros(b, contextual + 1).scatter_add_(1, slot, x.new_ones(b, n))  # [B, c+1]
+    mean = sums[:, :contextual] / counts[:, :contextual].clamp(min=1).unsqueeze(-1)  # [B, c, D] (0 if none)
+    tokens = gather_tokens(x, rest[:, target_pos]) + mean  # [B, c, D]
     return tokens.to(features.dtype)
 
 
@@ -118,8 +123,7 @@ class VisionZip:
         if self.contextual:
             rest = complement(top, n)  # [B, M] raster order
             metric = head_mean_keys(tokens.signals[VIT_FEAT_KEYS], attention.shape[1])  # [B, N, c]
-            filtered_metric = torch.gather(metric, 1, rest.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
-            merged = merge_contextual(gather_tokens(features, rest), filtered_metric, self.contextual)
+            merged = merge_contextual(features, rest, gather_tokens(metric, rest), self.contextual)
             parts.append(merged)  # [B, contextual, D]
             index.append(top.new_full((b, self.contextual), -1))
         out = torch.cat(parts, dim=1)  # [B, dominant + contextual, D]
