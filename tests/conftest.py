@@ -53,7 +53,14 @@ def clip_like_signals(b: int, n: int, c: int, seed: int = 0, dtype=torch.float32
     keys = torch.randn(b, n, c, generator=generator)
     text_attn = (torch.randn(b, n, generator=generator) + 3 * (attention > attention.median())).softmax(-1)
     relevance = torch.rand(b, n, generator=generator) * text_attn
-    return {
+    heads = 4 if c % 4 == 0 else 1  # feature-layer signals (VisionZip, VisPruner): per-head CLS attention
+    head_logits = logits[:, None] + torch.randn(b, heads, n + 1, generator=generator)
+    feature_layer = {
+        "vit_cls_attn_heads": head_logits.softmax(-1)[:, :, 1:].to(dtype),  # [B, H, N]
+        "vit_feat_keys": torch.randn(b, n, c, generator=generator).to(dtype),  # [B, N, C]
+        "vit_cls_feature": torch.randn(b, c, generator=generator).to(dtype),  # [B, C]
+    }
+    return feature_layer | {
         "vit_cls_attn": attention.to(dtype),
         "vit_keys": keys.to(dtype),
         "llm_text_attn": text_attn.to(dtype),

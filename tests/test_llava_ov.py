@@ -267,6 +267,8 @@ def reducer_cases():
         overrides = [f"reducer.{k}=6" for k in ("keep", "budget") if k in node and node[k] is not None]
         if node.get("iqr_scope") == "batch":  # batch-coupled by design (prumerge_reference): the per-view
             overrides.append("reducer.iqr_scope=image")  # counts below assume invariance (contract test)
+        if "dominant" in node:  # VisionZip: a budget below the tiny views' token counts
+            overrides += ["reducer.dominant=4", "reducer.contextual=2"]
         out.append(pytest.param(name, overrides, id=name))
     return out
 
@@ -302,18 +304,23 @@ def test_every_reducer_runs(ov_path, name, overrides):
         reduced = reducer(tokens)
         return int(reduced.lengths[0]), reduced.features is tokens.features
 
+    def tower(pixel_values):  # an LLM-space reducer (DivPrune) reduces the projected tokens
+        out = adapter.tower(pixel_values)
+        llm = reducer.space == "llm"
+        return out, adapter.projector()(out["features"]) if llm else None
+
     with torch.no_grad():
         expected = []
         for sample_images in images[:2]:
             crops = adapter.preprocess([sample_images])
             total = 0
-            for views in adapter.image_views(crops, adapter.tower(crops.pixel_values), None):
+            for views in adapter.image_views(crops, *tower(crops.pixel_values)):
                 (base, _), *canvas = [kept(view) for view in views]
                 rows = views[1].grid[0] if canvas else 0
                 total += base + (canvas[0][0] + (rows if canvas[0][1] else 1) if canvas else 1)
             expected.append(total)
         frames = adapter.preprocess_videos(videos[2])[0]
-        expected.append(sum(kept(v)[0] for v in adapter.video_views(adapter.tower(frames), None)) + 1)
+        expected.append(sum(kept(v)[0] for v in adapter.video_views(*tower(frames))) + 1)
         inputs = adapter.prepare(QUESTIONS[:3], images, videos=videos)
         logits = adapter.model(**inputs.as_kwargs()).logits
     assert inputs.visual_tokens == expected

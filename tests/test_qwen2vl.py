@@ -292,6 +292,8 @@ def reducer_cases():
         overrides = [f"reducer.{k}=6" for k in ("keep", "budget") if k in node and node[k] is not None]
         if node.get("iqr_scope") == "batch":  # batch-coupled by design (prumerge_reference): the per-view
             overrides.append("reducer.iqr_scope=image")  # counts below assume invariance (contract test)
+        if "dominant" in node:  # VisionZip: a budget below the tiny views' token counts
+            overrides += ["reducer.dominant=4", "reducer.contextual=2"]
         out.append(pytest.param(name, overrides, id=name))
     return out
 

@@ -14,7 +14,7 @@ from tokenprune.types import Reduced, VisualTokens
 
 REDUCERS = reducer_options()
 # Reducers whose output tokens are copies of input patches (index names the copied patch).
-PURE_SELECTION = {"none", "random", "uniform", "explain_mapper", "explain_oracle"}
+PURE_SELECTION = {"none", "random", "uniform", "explain_mapper", "explain_oracle", "divprune", "vispruner"}
 # The authors' fixed PruMerge+ branch keeps a top patch twice when it is also a grid point (a
 # documented reference quirk, `grid=reference_fixed`): the one config allowed to repeat a source patch.
 REPEATS_PATCHES = {"prumerge_plus_reference"}

@@ -14,6 +14,19 @@ Positions = Literal["gather", "renumber"]
 # through their `requires` attribute.
 VIT_CLS_ATTN = "vit_cls_attn"  # [B, N] CLS→patch attention (PruMerge definition, see models/signals.py)
 VIT_KEYS = "vit_keys"  # [B, N, C] patch keys of the attention layer that produced vit_cls_attn
+# The feature layer's own signals (the layer whose output feeds the projector; LLaVA-1.5:
+# vision_feature_layer = -2), for VisionZip and VisPruner (docs/peers.md):
+# [B, H, N] per-head attention of the CLS query to each patch in that layer (softmax over all N+1
+# keys, scale head_dim^-1/2); towers without a CLS token give the per-head mean attention each
+# patch receives (the substitute of models/signals.py)
+VIT_CLS_ATTN_HEADS = "vit_cls_attn_heads"
+# [B, N, C] that layer's patch keys (k_proj of its layer_norm1 input, bias included), heads
+# concatenated: viewed as [B, N, H, C / H] with H from vit_cls_attn_heads
+VIT_FEAT_KEYS = "vit_feat_keys"
+# [B, D] the CLS row of the feature layer's output, in the features' space; [B, 0] for a tower
+# without a CLS token
+VIT_CLS_FEATURE = "vit_cls_feature"
+FEATURE_LAYER_SIGNALS = (VIT_CLS_ATTN_HEADS, VIT_FEAT_KEYS, VIT_CLS_FEATURE)
 # [B, N] layer-0 LLM attention from the text after the image to each visual token (rows and heads
 # averaged); computed on the spliced, unreduced LLM input, so a reducer that asks for it runs there
 LLM_TEXT_ATTN = "llm_text_attn"

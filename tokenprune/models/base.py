@@ -31,6 +31,7 @@ from tokenprune.models.layered import LayerRunner
 from tokenprune.models.timing import generate_answers
 from tokenprune.reducers.baselines import NoReduction
 from tokenprune.types import (
+    FEATURE_LAYER_SIGNALS,
     LLM_LAYER_SIGNALS,
     LLM_SIGNALS,
     RELEVANCE,
@@ -64,7 +65,13 @@ class Capabilities:
     supports_visualize: bool
     reduction_points: tuple[str, ...] = REDUCTION_POINTS
     image_aspects: tuple[str, ...] = ()
-    signals: tuple[str, ...] = (VIT_CLS_ATTN, VIT_KEYS, *LLM_SIGNALS, *LLM_LAYER_SIGNALS)
+    signals: tuple[str, ...] = (
+        VIT_CLS_ATTN,
+        VIT_KEYS,
+        *FEATURE_LAYER_SIGNALS,
+        *LLM_SIGNALS,
+        *LLM_LAYER_SIGNALS,
+    )
 
 
 @dataclass(frozen=True)

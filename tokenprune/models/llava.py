@@ -25,8 +25,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.models._views import SplicedInputs, assemble, gathered_positions, reduce_items
 from tokenprune.models.base import AdapterCore, Capabilities, VisionFlops, load_pretrained
-from tokenprune.models.signals import SIGNAL_DTYPES, clip_cls_attention
-from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video, VisualTokens
+from tokenprune.models.signals import SIGNAL_DTYPES, clip_cls_attention, clip_feature_layer_signals
+from tokenprune.types import (
+    FEATURE_LAYER_SIGNALS,
+    VIT_CLS_ATTN,
+    VIT_KEYS,
+    Reducer,
+    Video,
+    VisualTokens,
+)
 
 # LLaVA-1.5's vicuna_v1 conversation format, as its training and eval scripts render it.
 LLAVA15_SYSTEM = (
@@ -202,6 +209,15 @@ class LlavaAdapter(AdapterCore):
         if wants_signals:
             signals[VIT_CLS_ATTN], signals[VIT_KEYS] = clip_cls_attention(
                 layers[-1], states[n_layers - 1], self.signal_dtype
+            )
+        if any(name in self.input_reducer.requires for name in FEATURE_LAYER_SIGNALS):
+            if feature_depth == 0:
+                raise ValueError("vision_feature_layer 0 (the embeddings) has no attention for the signals")
+            computed = clip_feature_layer_signals(
+                layers[feature_depth - 1], states[feature_depth - 1], states[feature_depth]
+            )
+            signals.update(
+                {k: v for k, v in zip(FEATURE_LAYER_SIGNALS, computed) if k in self.input_reducer.requires}
             )
         missing = set(self.reducer.requires) - set(self.capabilities.signals)
         if missing:

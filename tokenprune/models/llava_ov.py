@@ -56,7 +56,18 @@ from tokenprune.models._views import (
 )
 from tokenprune.models.base import AdapterCore, Capabilities, load_pretrained
 from tokenprune.models.signals import siglip_attention
-from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
+from tokenprune.types import (
+    FEATURE_LAYER_SIGNALS,
+    VIT_CLS_ATTN,
+    VIT_CLS_ATTN_HEADS,
+    VIT_CLS_FEATURE,
+    VIT_FEAT_KEYS,
+    VIT_KEYS,
+    Reducer,
+    Video,
+)
+
+PER_PATCH_FEATURE_LAYER = (VIT_CLS_ATTN_HEADS, VIT_FEAT_KEYS)  # packed / pooled like the features
 
 OV_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -223,6 +234,11 @@ class LlavaOnevisionAdapter(AdapterCore):
             if depth == 0:
                 raise ValueError("vision_feature_layer 0 (the embeddings) has no attention for the signals")
             out[VIT_CLS_ATTN], out[VIT_KEYS] = siglip_attention(layers[depth - 1], before)
+        if any(name in self.input_reducer.requires for name in FEATURE_LAYER_SIGNALS):
+            if depth == 0:
+                raise ValueError("vision_feature_layer 0 (the embeddings) has no attention for the signals")
+            heads, out[VIT_FEAT_KEYS] = siglip_attention(layers[depth - 1], before, per_head=True)
+            out[VIT_CLS_ATTN_HEADS] = heads.transpose(1, 2)  # [B, N, H] patch-major until the view
         return out
 
     def _pack(self, crops: torch.Tensor, size: list[int], newline: torch.Tensor | None) -> torch.Tensor:
@@ -242,14 +258,25 @@ class LlavaOnevisionAdapter(AdapterCore):
 
     @staticmethod
     def _view(
-        features: torch.Tensor, attention: torch.Tensor | None, keys: torch.Tensor | None, grid
+        features: torch.Tensor,
+        attention: torch.Tensor | None,
+        keys: torch.Tensor | None,
+        grid,
+        feature_layer: dict[str, torch.Tensor] | None = None,
     ) -> View:
-        """A view; its attention normalised to a distribution over the view, like CLS attention over an image."""
+        """A view; its attention normalised to a distribution over the view, like CLS attention over an
+        image. `feature_layer`: the view's per-patch vit_cls_attn_heads [n, H] / vit_feat_keys [n, C]."""
         signals = {}
         if attention is not None:
             signals[VIT_CLS_ATTN] = attention / attention.sum()  # [n]
         if keys is not None:
             signals[VIT_KEYS] = keys  # [n, C]
+        if feature_layer:
+            signals.update(feature_layer)
+            if VIT_CLS_ATTN_HEADS in signals:
+                heads = signals[VIT_CLS_ATTN_HEADS]  # [n, H]
+                signals[VIT_CLS_ATTN_HEADS] = (heads / heads.sum(0)).T  # [H, n], each head sums to 1
+            signals[VIT_CLS_FEATURE] = features.new_zeros(0)  # SigLIP has no CLS token
         return View(features, grid, signals)
 
     def image_views(
@@ -258,6 +285,7 @@ class LlavaOnevisionAdapter(AdapterCore):
         """Per image its views, [base] or [base, canvas], with features in the reducer's space."""
         features = tower["features"] if self.input_reducer.space == "vision" else projected  # [C, N, D]
         attention, keys = tower.get(VIT_CLS_ATTN), tower.get(VIT_KEYS)  # [C, N], [C, N, Ck]
+        extra = {name: tower[name] for name in PER_PATCH_FEATURE_LAYER if name in tower}  # [C, N, ...]
         cut = self.side**2
         out, start = [], 0
         for n, size, anyres in zip(crops.crops, crops.sizes, crops.anyres):
@@ -267,6 +295,7 @@ class LlavaOnevisionAdapter(AdapterCore):
                     None if attention is None else attention[start],
                     None if keys is None else keys[start],
                     (self.side, self.side),
+                    {name: value[start] for name, value in extra.items()},
                 )
             ]
             if anyres:
@@ -280,6 +309,7 @@ class LlavaOnevisionAdapter(AdapterCore):
                         None if attention is None else pack(attention.unsqueeze(-1)).squeeze(-1),
                         None if keys is None else pack(keys),
                         self.canvas_grid(n, size),
+                        {name: pack(value) for name, value in extra.items()},
                     )
                 )
             out.append(views)
@@ -293,6 +323,7 @@ class LlavaOnevisionAdapter(AdapterCore):
         attention = tower.get(VIT_CLS_ATTN)
         attention = None if attention is None else pool(attention.unsqueeze(-1)).squeeze(-1)  # [T, n]
         keys = None if VIT_KEYS not in tower else pool(tower[VIT_KEYS])  # [T, n, C]
+        extra = {name: pool(tower[name]) for name in PER_PATCH_FEATURE_LAYER if name in tower}  # [T, n, ...]
         side = math.ceil(self.side / 2)
         return [
             self._view(
@@ -300,6 +331,7 @@ class LlavaOnevisionAdapter(AdapterCore):
                 None if attention is None else attention[t],
                 None if keys is None else keys[t],
                 (side, side),
+                {name: value[t] for name, value in extra.items()},
             )
             for t in range(features.shape[0])
         ]

@@ -57,7 +57,16 @@ from tokenprune.models._views import (
 )
 from tokenprune.models.base import AdapterCore, Capabilities, load_pretrained
 from tokenprune.models.signals import qwen_vision_attention
-from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, Reducer, Video
+from tokenprune.types import (
+    FEATURE_LAYER_SIGNALS,
+    VIT_CLS_ATTN,
+    VIT_CLS_ATTN_HEADS,
+    VIT_CLS_FEATURE,
+    VIT_FEAT_KEYS,
+    VIT_KEYS,
+    Reducer,
+    Video,
+)
 
 QWEN_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -234,7 +243,9 @@ class Qwen2VLAdapter(AdapterCore):
         return pixel_values, torch.tensor(grids), seconds
 
     def _wants_signals(self) -> bool:
-        return any(name in self.input_reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS))
+        return any(
+            name in self.input_reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS, *FEATURE_LAYER_SIGNALS)
+        )
 
     def tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the vision tower once. All outputs are per merged token (2x2 group), in raster order
@@ -262,12 +273,23 @@ class Qwen2VLAdapter(AdapterCore):
         order = self._raster_order(grid_thw)
         hidden = out.last_hidden_state  # [P, C], the tower's (window) order
         result = {"units": hidden.reshape(-1, unit * hidden.shape[-1]), "merged": out.pooler_output}
-        if wants:
-            received, keys = qwen_vision_attention(
-                visual.blocks[-1], captured["hidden"], captured["cu_seqlens"], captured["position_embeddings"]
-            )
+        block = (
+            visual.blocks[-1],
+            captured.get("hidden"),
+            captured.get("cu_seqlens"),
+            captured.get("position_embeddings"),
+        )
+        if any(name in self.input_reducer.requires for name in (VIT_CLS_ATTN, VIT_KEYS)):
+            received, keys = qwen_vision_attention(*block)
             result[VIT_CLS_ATTN] = received.view(-1, unit).sum(-1)  # [U]
             result[VIT_KEYS] = keys.reshape(-1, unit * keys.shape[-1])  # [U, 4C]
+        if any(name in self.input_reducer.requires for name in FEATURE_LAYER_SIGNALS):
+            # the last block feeds the merger: it is the feature layer (VisionZip / VisPruner, no CLS)
+            per_head, keys = qwen_vision_attention(*block, per_head=True)  # [P, H], [P, C]
+            heads = per_head.shape[-1]
+            result[VIT_CLS_ATTN_HEADS] = per_head.view(-1, unit, heads).sum(1)  # [U, H]
+            grouped = keys.view(-1, unit, heads, keys.shape[-1] // heads).transpose(1, 2)  # [U, H, 4, d]
+            result[VIT_FEAT_KEYS] = grouped.reshape(-1, unit * keys.shape[-1])  # [U, H * 4d] heads-major
         if order is not None:
             result.update({k: v[order] for k, v in result.items() if k != "merged"})
         return result
@@ -290,7 +312,9 @@ class Qwen2VLAdapter(AdapterCore):
     def views(self, tower: dict[str, torch.Tensor], grid_thw: torch.Tensor) -> list[View]:
         """One view per frame group of every item: the reducer's input (space picks units or merged)."""
         key = "units" if self.input_reducer.space == "vision" else "merged"
-        names = [name for name in (VIT_CLS_ATTN, VIT_KEYS) if name in tower]
+        names = [
+            name for name in (VIT_CLS_ATTN, VIT_KEYS, VIT_CLS_ATTN_HEADS, VIT_FEAT_KEYS) if name in tower
+        ]
         views, start = [], 0
         for t, h, w in grid_thw.tolist():
             rows, cols = h // self.merge, w // self.merge
@@ -299,6 +323,10 @@ class Qwen2VLAdapter(AdapterCore):
                 signals = {name: tower[name][span] for name in names}
                 if VIT_CLS_ATTN in signals:  # summed over the frame's queries -> mean: sums to 1 per view
                     signals[VIT_CLS_ATTN] = signals[VIT_CLS_ATTN] / (h * w)
+                if VIT_CLS_ATTN_HEADS in signals:  # the same per head -> [H, n]
+                    signals[VIT_CLS_ATTN_HEADS] = (signals[VIT_CLS_ATTN_HEADS] / (h * w)).T
+                if VIT_CLS_FEATURE in self.input_reducer.requires:  # no CLS token
+                    signals[VIT_CLS_FEATURE] = tower[key].new_zeros(0)
                 views.append(View(tower[key][span], (rows, cols), signals))
                 start += rows * cols
         return views

@@ -51,6 +51,37 @@ def clip_cls_attention(
     return attention, keys[:, 1:]
 
 
+def clip_feature_layer_signals(
+    layer: nn.Module, entering: torch.Tensor, output: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's / VisPruner's signals of the CLIP feature layer (the one feeding the projector).
+
+    The layer's own multi-head attention (notes/peers_vision.md): Q and K are its `q_proj` /
+    `k_proj` outputs (bias included) of `layer_norm1(entering)`; per head h,
+    softmax(q_h k_hᵀ · head_dim^-½) over all N+1 keys (CLS included), read at the CLS row, patch
+    columns. Only the CLS query row is computed (the softmax is per row), in float32.
+
+    Args:
+        layer: a `CLIPEncoderLayer` (has `layer_norm1`, `self_attn.{q,k}_proj`, `self_attn.num_heads`).
+        entering: [B, N+1, C] the hidden state entering that layer, CLS first.
+        output: [B, N+1, C] the layer's output (the features LLaVA projects, CLS first).
+
+    Returns:
+        (vit_cls_attn_heads [B, H, N] float32, vit_feat_keys [B, N, C] heads concatenated, in the
+        tower's dtype, vit_cls_feature [B, C] the CLS row of `output`)
+    """
+    attn = layer.self_attn
+    normed = layer.layer_norm1(entering)  # [B, N+1, C]
+    b, length, c = normed.shape
+    heads = attn.num_heads
+    query = attn.q_proj(normed[:, :1]).float().view(b, heads, 1, c // heads)  # [B, H, 1, d]
+    keys = attn.k_proj(normed)  # [B, N+1, C]
+    per_head = keys.float().view(b, length, heads, c // heads).permute(0, 2, 3, 1)  # [B, H, d, N+1]
+    logits = torch.matmul(query, per_head) * (c // heads) ** -0.5  # [B, H, 1, N+1]
+    attention = logits.softmax(dim=-1)[:, :, 0, 1:]  # [B, H, N]
+    return attention, keys[:, 1:], output[:, 0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Towers without a CLS token (SigLIP in LLaVA-OneVision, Qwen2-VL's ViT): the `vit_cls_attn`
 # substitute is the mean attention each patch *receives* in the tower's last layer,
@@ -63,38 +94,44 @@ def clip_cls_attention(
 _CHUNK_ELEMENTS = 1 << 25  # attention probabilities materialised at once (float32: 128 MiB)
 
 
-def mean_received_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-    """Mean attention each key receives from all queries and heads, in float32.
+def mean_received_attention(
+    query: torch.Tensor, key: torch.Tensor, scale: float, per_head: bool = False
+) -> torch.Tensor:
+    """Mean attention each key receives from all queries and heads (or per head), in float32.
 
     Args:
         query: [B, H, Nq, d] queries (after any positional rotation).
         key: [B, H, Nk, d] keys.
         scale: the softmax temperature the layer uses (usually d ** -0.5).
+        per_head: keep the heads apart (the mean over queries only).
 
     Returns:
-        [B, Nk] float32; each row sums to 1. The queries are processed in chunks so that at most
+        [B, Nk] float32 (per_head: [B, H, Nk]); each row sums to 1. The queries are processed in chunks so that at most
         ~2^25 probabilities exist at once, whatever the sequence length.
     """
     b, h, nq, _ = query.shape
     nk = key.shape[2]
     chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * nk))
     keys = key.float().transpose(-1, -2)  # [B, H, d, Nk]
-    total = torch.zeros(b, nk, device=key.device, dtype=torch.float32)
+    total = torch.zeros(b, *((h,) if per_head else ()), nk, device=key.device, dtype=torch.float32)
     for start in range(0, nq, chunk):
         logits = torch.matmul(query[:, :, start : start + chunk].float(), keys) * scale  # [B, H, c, Nk]
-        total += logits.softmax(dim=-1).sum(dim=(1, 2))  # [B, Nk]
-    return total / (h * nq)
+        total += logits.softmax(dim=-1).sum(dim=2 if per_head else (1, 2))  # [B, (H,) Nk]
+    return total / (nq if per_head else h * nq)
 
 
-def siglip_attention(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def siglip_attention(
+    layer: nn.Module, hidden: torch.Tensor, per_head: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The CLS-free substitute (mean attention received) and keys of one SigLIP encoder layer.
 
     Args:
         layer: a `SiglipEncoderLayer` (has `layer_norm1` and `self_attn.{q,k}_proj`, `.num_heads`, `.scale`).
         hidden: [B, N, C] the hidden state entering that layer (no CLS token).
+        per_head: the substitute per head (`vit_cls_attn_heads`, [B, H, N]) instead of the head mean.
 
     Returns:
-        (vit_cls_attn [B, N] float32, vit_keys [B, N, C] in the tower's dtype)
+        (vit_cls_attn [B, N] (per_head: [B, H, N]) float32, vit_keys [B, N, C] in the tower's dtype)
     """
     attn = layer.self_attn
     normed = layer.layer_norm1(hidden)  # [B, N, C]
@@ -102,7 +139,9 @@ def siglip_attention(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tens
     heads = attn.num_heads
     query = attn.q_proj(normed).view(b, n, heads, -1).transpose(1, 2)  # [B, H, N, d]
     keys = attn.k_proj(normed)  # [B, N, C]
-    received = mean_received_attention(query, keys.view(b, n, heads, -1).transpose(1, 2), attn.scale)
+    received = mean_received_attention(
+        query, keys.view(b, n, heads, -1).transpose(1, 2), attn.scale, per_head
+    )
     return received, keys
 
 
@@ -116,6 +155,7 @@ def qwen_vision_attention(
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    per_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CLS-free substitute and keys of a Qwen2-VL / Qwen2.5-VL vision block, per attention segment.
 
@@ -128,6 +168,7 @@ def qwen_vision_attention(
         hidden: [L, C] the packed hidden state entering the block (all images, in the block's order).
         cu_seqlens: [S + 1] segment boundaries the block attends within.
         position_embeddings: (cos, sin), each [L, d], as the block received them.
+        per_head: keep the heads apart (`received` [L, H]).
 
     Returns:
         (received [L] float32, keys [L, C] before the rotary embedding, in the tower's dtype).
@@ -144,12 +185,13 @@ def qwen_vision_attention(
     rotated_q = query.float() * cos + _rotate_half(query.float()) * sin  # [L, H, d]
     rotated_k = keys.float() * cos + _rotate_half(keys.float()) * sin
     scale = rotated_q.shape[-1] ** -0.5
-    received = torch.empty(length, device=hidden.device, dtype=torch.float32)
+    received = torch.empty(length, *((heads,) if per_head else ()), device=hidden.device, dtype=torch.float32)
     bounds = cu_seqlens.tolist()
     for start, end in itertools.pairwise(bounds):
         q = rotated_q[start:end].transpose(0, 1)[None]  # [1, H, n, d]
         k = rotated_k[start:end].transpose(0, 1)[None]
-        received[start:end] = mean_received_attention(q, k, scale)[0] * (end - start)
+        segment = mean_received_attention(q, k, scale, per_head)[0] * (end - start)  # [n] or [H, n]
+        received[start:end] = segment.T if per_head else segment
     return received, keys.reshape(length, -1)
 
 
