@@ -29,8 +29,9 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     assert parity["ok"] and parity["failures"] == parity["errors"] == 0
     assert parity["passed"] >= 10  # the gpu-marked tests really ran (on the CPU), not only skipped
     prefill = {row["reducer"]: row for row in sections["prefill"]["rows"]}
-    assert prefill["none"]["visual_tokens"] == 576 and prefill["uniform 64"]["visual_tokens"] == 64
+    assert prefill["none"]["visual_tokens"] == 576 and prefill["uniform"]["visual_tokens"] == 144
+    assert prefill["visionzip"]["visual_tokens"] == 64 and prefill["divprune"]["visual_tokens"] == 56
     assert prefill["llm_layer K=1 keep 25%"]["layer_tokens"] == [144]
-    assert prefill["uniform 64"]["analytic_speedup"] > prefill["uniform 144"]["analytic_speedup"] > 1
+    assert prefill["divprune"]["analytic_speedup"] > prefill["uniform"]["analytic_speedup"] > 1
     assert [row["reducer"] for row in sections["lora"]["rows"]] == ["none", "prumerge_plus"]
     assert (tmp_path / "report.md").read_text().startswith("# GPU check")
