@@ -104,7 +104,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--vit", action="store_true", help="also time a random-weight CLIP ViT-L/14-336")
+    parser.add_argument("--smoke", action="store_true", help="B = 1, one run: checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.batches, args.repeat = [1], 1
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     device = "cuda" if args.device.startswith("cuda") else args.device
     print(f"torch {torch.__version__}, device {args.device}, {dtype}, threads {torch.get_num_threads()}")
