@@ -17,6 +17,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one thread per xdist worker: `make test` runs 2 workers on 2 cores
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny models: one intra-op thread avoids oversubscription under pytest-xdist (same results)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava_path(tmp_path_factory) -> str:
     """A tiny random LLaVA saved with save_pretrained (built once per test session)."""

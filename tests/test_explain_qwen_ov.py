@@ -34,12 +34,7 @@ MODELS = ["tiny_qwen2vl", "tiny_qwen25vl", "tiny_llava_ov"]
 QUESTIONS = ["What color is the square?", "How many objects are there?", "Is there a circle?"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
 
 @pytest.fixture(scope="module")

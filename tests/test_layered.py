@@ -32,12 +32,7 @@ QUESTIONS = ["What color is the square?", "How many objects are there in the ima
 DEPTH = 4  # decoder layers after `deepen` (the tiny checkpoints have 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
 
 @pytest.fixture(scope="module")

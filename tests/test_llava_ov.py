@@ -25,13 +25,7 @@ from tokenprune.types import LLM_SIGNALS, VIT_CLS_ATTN, VIT_KEYS, Video, VisualT
 QUESTIONS = ["What color is the square?", "How many objects are there?", "Is there a circle?", "Say yes."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids oversubscription under pytest-xdist (same results)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
 
 @pytest.fixture(scope="module")

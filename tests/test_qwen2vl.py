@@ -24,13 +24,7 @@ VERSIONS = ["tiny_qwen2vl", "tiny_qwen25vl"]
 QUESTIONS = ["What color is the square?", "How many objects are there?", "Is there a circle?", "Say yes."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids oversubscription under pytest-xdist (same results)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
 
 @pytest.fixture(scope="module")

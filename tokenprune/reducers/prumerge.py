@@ -114,18 +114,7 @@ class PruMerge:
     def __call__(self, tokens: VisualTokens) -> Reduced:
         if tokens.features.shape[0] == 0:
             return empty_reduced(tokens)
-        order, kept = self.select(tokens)
-        return reduce_plan(
-            tokens,
-            _attention(tokens),
-            order,
-            kept,
-            self.knn_k,
-            self.merge,
-            self.order,
-            self.extra_token,
-            self.merge_chunk,
-        )
+        return _select_and_merge(self, tokens)
 
 
 class PruMergePlus:
@@ -209,18 +198,7 @@ class PruMergePlus:
             return empty_reduced(tokens)
         if self.grid == "fixed" and self.budget >= tokens.features.shape[1]:
             return identity(tokens)
-        order, kept = self.select(tokens)
-        return reduce_plan(
-            tokens,
-            _attention(tokens),
-            order,
-            kept,
-            self.knn_k,
-            self.merge,
-            self.order,
-            self.extra_token,
-            self.merge_chunk,
-        )
+        return _select_and_merge(self, tokens)
 
 
 def _merge_flops(n: int, kept: int, width: int, knn_k: int, merge: str, extra_token: bool) -> int:
@@ -438,3 +416,19 @@ def _make_plan(tokens: VisualTokens, order: torch.Tensor, kept: torch.Tensor, kn
     weights = _attention(tokens).to(tokens.features.dtype)  # [B, N]
     nb = neighbours(tokens.signals[VIT_KEYS], order, kept.tolist(), knn_k)  # [B, Mmax, k]
     return MergePlan(order=order, kept=kept, neighbours=nb, weights=weights)
+
+
+def _select_and_merge(reducer: PruMerge | PruMergePlus, tokens: VisualTokens) -> Reduced:
+    """What PruMerge and PruMerge+ share after their own selection: the merge plan of the kept tokens."""
+    order, kept = reducer.select(tokens)
+    return reduce_plan(
+        tokens,
+        _attention(tokens),
+        order,
+        kept,
+        reducer.knn_k,
+        reducer.merge,
+        reducer.order,
+        reducer.extra_token,
+        reducer.merge_chunk,
+    )
