@@ -15,9 +15,10 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export WANDB_MODE ?= offline
 export LOGURU_LEVEL ?= INFO
+export NO_MKDOCS_2_WARNING ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test-latest test run tables reproduce miniature miniature-mapper lint format bench gpu-check clean mini-model
+.PHONY: help install lock test-latest test docs run tables reproduce miniature miniature-mapper lint format bench gpu-check clean mini-model
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +46,9 @@ test-latest: install ## drift check, not in CI: newest allowed versions in a thr
 
 test: install ## set up, then run the test suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+docs: install ## build the documentation site from docs/ into build/site (--strict: a broken link fails)
+	$(PY) -m mkdocs build --strict --site-dir build/site
 
 run: install ## set up, then run the main job on the embedded default (extra Hydra overrides: ARGS=...)
 	$(PY) -m tokenprune.train reducer=prumerge_plus $(ARGS)
