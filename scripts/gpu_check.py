@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from tokenprune.results import atomic_write_text
+from tokenprune.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

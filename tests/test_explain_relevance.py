@@ -6,8 +6,8 @@ import torch
 from conftest import random_images
 from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-from tokenprune.explain.gae import GAE_ATTENTION
 from tokenprune.models._views import block_rows
+from tokenprune.models.gae import GAE_ATTENTION
 from tokenprune.models.llava import LlavaAdapter
 
 

@@ -132,7 +132,7 @@ def test_a_fit_without_progress_bar_logs_loss_and_eta(tiny_llava_path, tmp_path,
 def test_lightning_adverts_and_library_deprecations_are_dropped():
     import warnings
 
-    from tokenprune.train.callbacks import quiet_lightning
+    from tokenprune.fitting import quiet_lightning
 
     quiet_lightning()
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
+from tokenprune.atomic import atomic_file, atomic_folder, atomic_write_text
 from tokenprune.results import (
     SCHEMA,
-    atomic_write_text,
     collect,
     config_hash,
     read_result,
@@ -40,6 +40,30 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"], "temp file left behind"
+
+
+def test_atomic_file_and_folder_keep_the_old_state_when_the_write_fails(tmp_path):
+    path, folder = tmp_path / "shard.bin", tmp_path / "stage"
+    atomic_write_text(path, "old")
+    folder.mkdir()
+    (folder / "a").write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_folder(folder) as staging:
+        (staging / "a").write_text("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old" and (folder / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard.bin", "stage"], "temp files left behind"
+    with atomic_file(path) as tmp:
+        tmp.write_text("new")
+    with atomic_folder(folder) as staging:
+        (staging / "b").write_text("new")
+    assert path.read_text() == "new" and [p.name for p in folder.iterdir()] == ["b"]
+    with atomic_folder(folder, replace=False) as staging:  # someone else's finished folder is kept
+        (staging / "c").write_text("mine")
+    assert [p.name for p in folder.iterdir()] == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard.bin", "stage"]
 
 
 def test_write_read_collect(tmp_path):

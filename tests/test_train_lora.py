@@ -19,9 +19,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tokenprune.config import PROJECT_ROOT, compose, group_options
+from tokenprune.fitting import resolve_resume
 from tokenprune.models.llava import LlavaAdapter
 from tokenprune.reducers.prumerge import PruMerge, PruMergePlus
-from tokenprune.train.lora import LLM_LINEAR_LAYERS, apply_lora, load_trained, resolve_resume
+from tokenprune.stages import load_trained
+from tokenprune.train.lora import LLM_LINEAR_LAYERS, apply_lora
 from tokenprune.train.pipeline import stage_dir
 from tokenprune.types import VIT_CLS_ATTN
 

@@ -16,9 +16,9 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from tokenprune.atomic import atomic_write_bytes
 from tokenprune.config import CONFIG_DIR, choices, register_resolvers
 from tokenprune.models.base import Adapter
-from tokenprune.results import atomic_write_bytes
 from tokenprune.types import VisualTokens
 
 register_resolvers()

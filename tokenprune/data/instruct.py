@@ -413,3 +413,31 @@ class LengthGroupedSampler(Sampler[int]):
         self.skip = 0
         for batch in batches:
             yield from batch[self.rank :: self.num_replicas]
+
+
+@dataclass
+class DataSettings:
+    """`train.data`: where the instruction data is and how it is batched.
+
+    Attributes:
+        json: a LLaVA-format JSON list (e.g. llava_v1_5_mix665k.json).
+        image_root: the folder its image paths are relative to.
+        template: conversation template name (tokenprune.data.instruct.TEMPLATES).
+        max_length: samples longer than this many tokens (text + image_tokens per image) are skipped.
+        image_tokens: tokens counted per image for max_length and grouping (None: the vision
+            tower's patch count + 1, an upper bound for every reducer).
+        batch_size: samples per batch on each device.
+        num_workers: DataLoader worker processes (image decoding).
+        group_by_length: batches of similar length and one modality (LLaVA's group_by_modality_length).
+        megabatch: global batches per length-sorted megabatch.
+    """
+
+    json: str
+    image_root: str
+    template: str = "vicuna_v1"
+    max_length: int | None = 2048
+    image_tokens: int | None = None
+    batch_size: int = 1
+    num_workers: int = 0
+    group_by_length: bool = True
+    megabatch: int = 1

@@ -262,7 +262,7 @@ def shapes_instruct_data(out: str | Path, n: int, start: int = 0, seed: int = 0,
 
     `settings` are the remaining DataSettings fields (template, batch_size, ...).
     """
-    from tokenprune.train.datamodule import DataSettings
+    from tokenprune.data.instruct import DataSettings
 
     out = Path(out)
     stamp = out / "shapes_train.meta.json"

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tokenprune.results import atomic_write_text
+from tokenprune.atomic import atomic_write_text
 
 Key = tuple[str, int]
 

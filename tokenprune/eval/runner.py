@@ -465,7 +465,7 @@ def _evaluate_and_write(
                 overrides["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         adapter = instantiate(cfg.model, reducer=instantiate(cfg.reducer), **overrides)
         if cfg.get("train") and cfg.train.get("adapter"):  # a saved stage: train=lora train.adapter=PATH
-            from tokenprune.train.lora import load_trained
+            from tokenprune.stages import load_trained
 
             adapter = load_trained(adapter, cfg.train.adapter)
     benchmark = instantiate(cfg.benchmark)

@@ -9,7 +9,7 @@ For every sample of a question-answer source (`configs/data/`), on the *unreduce
    inference (layer-0 q/k under SDPA);
 3. the target: the GAE relevance of the explained answer (`label.explain`: the model's own
    generated tokens, or the reference answer teacher-forced), EOS excluded unless
-   `label.include_eos`, one backward per answer token (`tokenprune.explain.gae`);
+   `label.include_eos`, one backward per answer token (`tokenprune.models.gae`);
 4. one record per image or video (input vector, relevance vector, grid, modality, sample id) into
    sharded files (`tokenprune.explain.shards`). A rerun skips every sample already labelled or
    skipped, so a killed run resumes (losing at most the unwritten shard buffer).
@@ -240,7 +240,7 @@ def label(
     """Label every not-yet-done sample of `data` into `settings.output_dir`; returns the folder's summary."""
     from tqdm.auto import tqdm
 
-    from tokenprune.results import atomic_write_text
+    from tokenprune.atomic import atomic_write_text
 
     writer = ShardWriter(settings.output_dir, settings.shard_size, meta=meta)
     done = writer.done_samples()

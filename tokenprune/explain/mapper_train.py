@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tokenprune.explain.shards import LabelRecord, read_labels
+from tokenprune.fitting import FitResult, TrainerSettings, build_trainer, resolve_resume
 from tokenprune.reducers.explain_mapper import (
     CONFIG_FILE,
     ExplainMapper,
@@ -42,7 +43,6 @@ from tokenprune.reducers.explain_mapper import (
     load_mapper,
     save_mapper,
 )
-from tokenprune.train.lora import FitResult, TrainerSettings, build_trainer, resolve_resume
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class MapperStage:
         labels: label folders (searched recursively for shards; `python -m tokenprune.label` output).
         net: the architecture (MapperConfig).
         optim: Adam settings (MapperOptim).
-        trainer: Lightning settings (tokenprune.train.lora.TrainerSettings).
+        trainer: Lightning settings (tokenprune.fitting.TrainerSettings).
         data: targets and batching (MapperData).
         logger: an extra logger factory (train/logger=wandb); CSV is always on.
         resume: auto | null | a checkpoint path (as the LoRA stage).

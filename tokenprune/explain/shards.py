@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from tokenprune.atomic import atomic_file
+
 FORMAT = "tokenprune-explain-labels"
 SHARD_GLOB = "shard-*.safetensors"
 SKIPPED_FILE = "skipped.jsonl"
@@ -111,9 +113,8 @@ class ShardWriter:
             "modalities": json.dumps([r.modality for r in records]),
         }
         path = self.folder / f"shard-{self.next_shard:05d}.safetensors"
-        tmp = path.with_suffix(".safetensors.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         self.next_shard += 1
 
     def close(self) -> None:

@@ -289,7 +289,7 @@ class LlmInput:
       tokens, averaged over those rows (`block_rows`) and all query heads; computed from layer 0's
       input norm, q/k projections and the model's own rotary embedding (1-D, or M-RoPE with the
       splice's (t, h, w) rows) at the splice's positions, in float32, whatever backend the LLM runs.
-    * `answer_relevance`: GAE relevance of given answer tokens (`tokenprune.explain.gae`), each
+    * `answer_relevance`: GAE relevance of given answer tokens (`tokenprune.models.gae`), each
       sample alone, its answer teacher-forced after the prompt at positions continuing the prompt's.
 
     Args:
@@ -355,7 +355,7 @@ class LlmInput:
             answer_ids: per sample, the answer tokens to explain, each at the position predicting it.
             target: the differentiated score: "logit" (GAE's convention) or "logprob".
         """
-        from tokenprune.explain.gae import relevance_row
+        from tokenprune.models.gae import relevance_row
 
         with torch.no_grad():
             embeds = self.embeddings(inputs)  # [B, L, D]

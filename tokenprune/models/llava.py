@@ -7,7 +7,7 @@ projector, and splices each sample's reduced tokens into the LLM input with its 
 
 A reducer that reads a signal of the LLM input (`llm_text_attn`, `relevance`: `types.LLM_SIGNALS`)
 runs at the LLM input instead: the unreduced sequence is spliced first, the signal is computed on it
-(layer 0's q/k under any attention backend; the relevance by GAE, `tokenprune.explain.gae`), the
+(layer 0's q/k under any attention backend; the relevance by GAE, `tokenprune.models.gae`), the
 reducer runs on the projected tokens and the kept ones are spliced again (`_prepare_at_llm_input`).
 A reducer inside the LLM (`space="llm_layer"`) gets every visual token spliced; `AdapterCore` runs it.
 The splice, the LLM-input signals and generation are the shared core (`_views`, `base.AdapterCore`).

@@ -31,11 +31,11 @@ Only local folders and the user's HF cache are read (`allow_download=True` lets 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from tokenprune.atomic import atomic_folder
 
 VISION_TOWER = "openai/clip-vit-large-patch14-336"
 SOURCES = {  # size -> (language model, stage-1 projector repository)
@@ -201,16 +201,11 @@ def convert(
         num_additional_image_tokens=1,
         chat_template=LLAVA15_CHAT_TEMPLATE,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         sources = {"language_model": llm, "vision_tower": vision, "projector": projector, "dtype": dtype}
         (staging / "tokenprune_stage1.json").write_text(
             json.dumps(sources, indent=2) + "\n", encoding="utf-8"
         )
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -8,12 +8,12 @@ byte-level BPE trained here on a fixed corpus.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from tokenprune.atomic import atomic_folder
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -165,18 +165,9 @@ def build_tiny_llava(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_folder(path, replace=False) as staging:  # another process built it first: keep theirs
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        try:
-            staging.rename(path)
-        except OSError:  # another process built it first: keep theirs
-            if not (path / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -261,18 +252,9 @@ def train_chat_tokenizer(
 
 def _save_atomic(path: Path, parts: list) -> Path:
     """save_pretrained every part into a staging folder, then rename it to `path` (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_folder(path, replace=False) as staging:  # another process built it first: keep theirs
         for part in parts:
             part.save_pretrained(staging)
-        try:
-            staging.rename(path)
-        except OSError:  # another process built it first: keep theirs
-            if not (path / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

@@ -18,8 +18,9 @@ from typing import Any
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from tokenprune.atomic import atomic_write_text
 from tokenprune.config import compose, group_options
-from tokenprune.results import atomic_write_text, read_result
+from tokenprune.results import read_result
 from tokenprune.tables.build import build_table, load_published
 from tokenprune.tables.render import render_latex, render_markdown
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -12,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokenprune.data.instruct import (
+    DataSettings,
     InstructDataset,
     LengthGroupedSampler,
     collate,
@@ -20,34 +20,6 @@ from tokenprune.data.instruct import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataSettings:
-    """`train.data`: where the instruction data is and how it is batched.
-
-    Attributes:
-        json: a LLaVA-format JSON list (e.g. llava_v1_5_mix665k.json).
-        image_root: the folder its image paths are relative to.
-        template: conversation template name (tokenprune.data.instruct.TEMPLATES).
-        max_length: samples longer than this many tokens (text + image_tokens per image) are skipped.
-        image_tokens: tokens counted per image for max_length and grouping (None: the vision
-            tower's patch count + 1, an upper bound for every reducer).
-        batch_size: samples per batch on each device.
-        num_workers: DataLoader worker processes (image decoding).
-        group_by_length: batches of similar length and one modality (LLaVA's group_by_modality_length).
-        megabatch: global batches per length-sorted megabatch.
-    """
-
-    json: str
-    image_root: str
-    template: str = "vicuna_v1"
-    max_length: int | None = 2048
-    image_tokens: int | None = None
-    batch_size: int = 1
-    num_workers: int = 0
-    group_by_length: bool = True
-    megabatch: int = 1
 
 
 class InstructDataModule(L.LightningDataModule):

@@ -12,8 +12,9 @@ Outputs under the stage's folder (`train.output_dir`, default `outputs/train/<mo
     checkpoints/    last.ckpt (trained weights, optimizer, schedule, data position, RNG)
     logs/           CSV metrics (and wandb's offline run with train/logger=wandb)
 
-`load_trained(adapter, folder)` puts a saved adapter + projector on a freshly loaded model; the
-evaluation after a fit and `python -m tokenprune.eval train=lora train.adapter=PATH` both use it.
+Saving and loading the stage (`save_trained`, `load_trained`) live in `tokenprune.stages`, which the
+evaluation uses too; the generic Lightning pieces (`TrainerSettings`, `build_trainer`, `resolve_resume`)
+in `tokenprune.fitting`, which the mapper's stage uses too.
 """
 
 from __future__ import annotations
@@ -21,74 +22,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenprune.results import atomic_write_text
-from tokenprune.train.datamodule import DataSettings
+from tokenprune.data.instruct import DataSettings
+from tokenprune.fitting import FitResult, TrainerSettings, build_trainer, resolve_resume
+from tokenprune.stages import INFO_FILE, load_trained, save_trained
 from tokenprune.train.module import OptimSettings
 
 log = logging.getLogger(__name__)
 
-PROJECTOR_FILE = "projector.safetensors"
-INFO_FILE = "train_info.json"
 # All linear layers of the LLM except lm_head (LLaVA's LoRA targets); the vision tower never matches.
 LLM_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-@dataclass
-class TrainerSettings:
-    """`train.trainer`: how Lightning runs the fit.
-
-    Attributes:
-        accelerator: auto | cpu | gpu.
-        devices: devices per node (an int, or "auto").
-        num_nodes: nodes.
-        strategy: auto | ddp | ddp_spawn | a Strategy object (the fsdp/deepspeed train configs).
-        precision: 32-true | bf16-mixed | 16-mixed | bf16-true ...
-        accumulate_grad_batches: micro-batches per optimizer step.
-        max_steps: optimizer steps (-1: from max_epochs).
-        max_epochs: epochs (used when max_steps is -1).
-        gradient_clip_val: clip the gradient norm (None: off).
-        gradient_checkpointing: recompute the LLM's activations in the backward (memory for time).
-        log_every_n_steps: logging interval.
-        checkpoint_every_n_steps: write checkpoints/last.ckpt every this many optimizer steps.
-        enable_progress_bar: Lightning's progress bar; off, a line every `log_every_n_steps` steps with
-            the loss, speed and ETA (`tokenprune.train.callbacks.ProgressLog`).
-        slurm_requeue: under SLURM, requeue the job on the preemption/timeout signal (a checkpoint
-            is saved first; `train.resume=auto` picks it up).
-    """
-
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: Any = "auto"
-    precision: str = "32-true"
-    accumulate_grad_batches: int = 1
-    max_steps: int = -1
-    max_epochs: int | None = 1
-    gradient_clip_val: float | None = None
-    gradient_checkpointing: bool = False
-    log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 500
-    enable_progress_bar: bool = True
-    slurm_requeue: bool = True
-
-
-@dataclass
-class FitResult:
-    """What a fit leaves behind: `train/*` metrics and the saved adapter folder (rank 0)."""
-
-    metrics: dict[str, float]
-    adapter_dir: Path
-    is_global_zero: bool = True
-    evaluates: bool = True  # this process runs the evaluation that follows
-    finished: bool = True  # False: stopped before max_steps/max_epochs (nothing saved in adapter/)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def apply_lora(adapter: Any, lora: Any, gradient_checkpointing: bool = False, upcast: bool = False) -> Any:
@@ -114,119 +61,6 @@ def apply_lora(adapter: Any, lora: Any, gradient_checkpointing: bool = False, up
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     return peft_model
-
-
-def save_trained(peft_model: Any, adapter: Any, folder: str | Path, info: dict[str, Any]) -> Path:
-    """Write the LoRA adapter (peft format), the projector (safetensors) and train_info.json, atomically."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    peft_model.save_pretrained(str(staging))
-    projector = adapter.projector()
-    state = {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
-    save_file(state, str(staging / PROJECTOR_FILE), metadata={"format": "pt"})
-    atomic_write_text(staging / INFO_FILE, json.dumps(info, indent=2, default=str))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder
-
-
-def load_trained(adapter: Any, path: str | Path) -> Any:
-    """Load a saved LoRA adapter + projector (`save_trained`) onto adapter.model, in place; returns adapter.
-
-    The LoRA layers stay separate (not merged), so logits equal the trained model's exactly.
-    """
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    path = Path(path).expanduser()
-    if not (path / "adapter_config.json").is_file() or not (path / PROJECTOR_FILE).is_file():
-        raise FileNotFoundError(
-            f"{path} is not a saved LoRA stage (needs adapter_config.json and {PROJECTOR_FILE}); "
-            "give train.adapter=<train output folder>/adapter"
-        )
-    device = adapter.model.device
-    PeftModel.from_pretrained(adapter.model, str(path), is_trainable=False)  # injects LoRA in place
-    projector = adapter.projector()
-    dtype = next(projector.parameters()).dtype
-    state = {k: v.to(device=device, dtype=dtype) for k, v in load_file(str(path / PROJECTOR_FILE)).items()}
-    projector.load_state_dict(state)
-    adapter.model.to(device).eval()
-    return adapter
-
-
-def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
-    """`train.resume`: auto (the newest of checkpoints/last*.ckpt and a SLURM hpc_ckpt_*.ckpt, if any),
-    null (start fresh) or a checkpoint path."""
-    if resume in (None, "none", "null", False):
-        return None
-    if resume == "auto":
-        found = [
-            *Path(output_dir, "checkpoints").glob("last*.ckpt"),
-            *Path(output_dir).glob("hpc_ckpt_*.ckpt"),
-        ]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
-    path = Path(resume).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"train.resume={resume!r}: no checkpoint there (use auto, null or a .ckpt path)"
-        )
-    return str(path)
-
-
-def build_trainer(
-    settings: TrainerSettings, output_dir: Path, logger: Any = None, callbacks: list | None = None
-):
-    """A Lightning Trainer from `train.trainer`: CSV logger (+ wandb), last.ckpt every n steps, SLURM requeue."""
-    import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    from tokenprune.train.callbacks import CheckpointAtEnd, ProgressLog, quiet_lightning
-
-    quiet_lightning()
-    loggers = [CSVLogger(save_dir=str(output_dir), name="logs")]
-    if callable(logger):  # a partial logger from train/logger (e.g. wandb, offline by default)
-        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-        loggers.append(logger(save_dir=str(output_dir / "logs")))
-    checkpoint = ModelCheckpoint(
-        dirpath=str(output_dir / "checkpoints"),
-        every_n_train_steps=settings.checkpoint_every_n_steps,
-        save_top_k=0,
-        save_last=True,
-        save_on_exception=True,
-    )
-    plugins = [SLURMEnvironment(auto_requeue=settings.slurm_requeue)] if SLURMEnvironment.detect() else []
-    return L.Trainer(
-        accelerator=settings.accelerator,
-        devices=settings.devices,
-        num_nodes=settings.num_nodes,
-        strategy=settings.strategy,
-        precision=settings.precision,
-        accumulate_grad_batches=settings.accumulate_grad_batches,
-        max_steps=settings.max_steps,
-        max_epochs=settings.max_epochs,
-        gradient_clip_val=settings.gradient_clip_val,
-        log_every_n_steps=settings.log_every_n_steps,
-        enable_progress_bar=settings.enable_progress_bar,
-        enable_model_summary=False,
-        default_root_dir=str(output_dir),  # SLURM's hpc_ckpt_*.ckpt lands here
-        use_distributed_sampler=False,  # the DataModule's sampler is rank-aware and resumable
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=loggers,
-        callbacks=[
-            checkpoint,
-            CheckpointAtEnd(output_dir / "checkpoints"),
-            LearningRateMonitor(logging_interval="step"),
-            *([] if settings.enable_progress_bar else [ProgressLog(settings.log_every_n_steps)]),
-            *(callbacks or []),
-        ],
-        plugins=plugins,
-    )
 
 
 class LoraStage:
