@@ -18,7 +18,7 @@ export LOGURU_LEVEL ?= INFO
 export NO_MKDOCS_2_WARNING ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test-latest test docs run tables reproduce miniature miniature-mapper lint format bench gpu-check clean mini-model
+.PHONY: help install lock test-latest test test-fast docs run tables reproduce miniature miniature-mapper lint format bench gpu-check clean mini-model
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,8 +44,12 @@ test-latest: install ## drift check, not in CI: newest allowed versions in a thr
 	TOKENPRUNE_LOCK=$(LATEST)/requirements.lock bash scripts/install.sh $(LATEST)/venv
 	$(LATEST)/venv/bin/python -m pytest -p no:cacheprovider $(LATEST_TESTS)
 
-test: install ## set up, then run the test suite
+test: install ## set up, then run the whole test suite (what CI runs)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+FAST := not slow and not integration and not gpu
+test-fast: install ## the development loop: contract matrix, parity and unit tests (no slow/integration/gpu)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "$(FAST)" $(PYTEST_ARGS)
 
 docs: install ## build the documentation site from docs/ into build/site (--strict: a broken link fails)
 	$(PY) -m mkdocs build --strict --site-dir build/site

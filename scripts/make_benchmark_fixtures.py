@@ -4,7 +4,7 @@ Each dataset is written as a local copy of its Hugging Face repository under
 ``tests/fixtures/benchmarks/<dataset id>/`` (README.md with the repository's config/split layout,
 data files, and for video sets the videos where lmms-eval's cache keeps them), which is exactly
 what ``paths.data_root`` points at for real data. Column names and types follow the dataset cards
-(see ``SCHEMAS``); images are small PNGs of coloured shapes and videos are tiny MPEG-4 clips of a
+(``tokenprune.data.schemas``, shared with every fixture writer); images are small PNGs of coloured shapes and videos are tiny MPEG-4 clips of a
 moving square (PyAV), all generated here, nothing downloaded.
 
 ``ORACLE`` maps every question text to the output a perfect model gives, so a test can check that
@@ -28,143 +28,13 @@ from typing import Any
 import datasets
 from PIL import Image, ImageDraw
 
+from tokenprune.data.schemas import features
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "tests" / "fixtures" / "benchmarks"
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
 # question text -> the answer a perfect model writes; " || " separates parts that must all appear
 ORACLE: dict[str, str] = {}
-
-S, I8, I32, I64, B = (datasets.Value(t) for t in ("string", "int8", "int32", "int64", "bool"))
-IMG, STRS = datasets.Image(), datasets.List(datasets.Value("string"))
-SCHEMAS: dict[str, datasets.Features] = {
-    "vqav2": datasets.Features(
-        {
-            "question_type": S,
-            "multiple_choice_answer": S,
-            "answers": datasets.List({"answer": S, "answer_confidence": S, "answer_id": I64}),
-            "image_id": I64,
-            "answer_type": S,
-            "question_id": I64,
-            "question": S,
-            "image": IMG,
-        }
-    ),
-    "scienceqa": datasets.Features(
-        {
-            "image": IMG,
-            "question": S,
-            "choices": STRS,
-            "answer": I8,
-            "hint": S,
-            "task": S,
-            "grade": S,
-            "subject": S,
-            "topic": S,
-            "category": S,
-            "skill": S,
-            "lecture": S,
-            "solution": S,
-        }
-    ),
-    "textvqa": datasets.Features(
-        {
-            "image_id": S,
-            "question_id": I32,
-            "question": S,
-            "question_tokens": STRS,
-            "image": IMG,
-            "image_width": I32,
-            "image_height": I32,
-            "flickr_original_url": S,
-            "flickr_300k_url": S,
-            "answers": STRS,
-            "image_classes": STRS,
-            "set_name": S,
-            "ocr_tokens": STRS,
-        }
-    ),
-    "pope": datasets.Features(
-        {
-            "id": S,
-            "question_id": S,
-            "question": S,
-            "answer": S,
-            "image_source": S,
-            "image": IMG,
-            "category": S,
-        }
-    ),
-    "mme": datasets.Features({"question_id": S, "image": IMG, "question": S, "answer": S, "category": S}),
-    "mmbench": datasets.Features(
-        {
-            "index": I64,
-            "question": S,
-            "hint": S,
-            "answer": S,
-            "A": S,
-            "B": S,
-            "C": S,
-            "D": S,
-            "category": S,
-            "image": IMG,
-            "source": S,
-            "L2-category": S,
-            "comment": S,
-            "split": S,
-        }
-    ),
-    "gqa_instructions": datasets.Features(
-        {
-            "id": S,
-            "imageId": S,
-            "question": S,
-            "answer": S,
-            "fullAnswer": S,
-            "isBalanced": B,
-            "groups": {"global": S, "local": S},
-            "entailed": S,
-            "equivalent": S,
-            "types": {"structural": S, "semantic": S, "detailed": S},
-            "semanticStr": S,
-        }
-    ),
-    "gqa_images": datasets.Features({"id": S, "image": IMG}),
-    "videomme": datasets.Features(
-        {
-            "video_id": S,
-            "duration": S,
-            "domain": S,
-            "sub_category": S,
-            "url": S,
-            "videoID": S,
-            "question_id": S,
-            "task_type": S,
-            "question": S,
-            "options": STRS,
-            "answer": S,
-        }
-    ),
-    "egoschema": datasets.Features(
-        {"question_idx": S, "question": S, "video_idx": S, "option": STRS, "answer": S}
-    ),
-    "nextqa_mc": datasets.Features(
-        {
-            "video": S,
-            "frame_count": I32,
-            "width": I32,
-            "height": I32,
-            "question": S,
-            "answer": I32,
-            "qid": I32,
-            "type": S,
-            "a0": S,
-            "a1": S,
-            "a2": S,
-            "a3": S,
-            "a4": S,
-        }
-    ),
-}
 
 
 # ----------------------------------------------------------------------------- media
@@ -234,10 +104,10 @@ def write_repo(
     layout = {}
     for config, splits in configs.items():
         layout[config] = {}
-        for split, (relative, columns, features) in splits.items():
+        for split, (relative, columns, schema) in splits.items():
             target = folder / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            datasets.Dataset.from_dict(columns, features=features).to_parquet(str(target))
+            datasets.Dataset.from_dict(columns, features=schema).to_parquet(str(target))
             layout[config][split] = relative
     (folder / "README.md").write_text(readme(layout))
     return folder
@@ -297,7 +167,7 @@ def vqav2(out: Path) -> Path:
             [("What color is the ball?", "green", "green"), ("Is the ball blue?", "yes", "blue")]
         )
     ]
-    f = SCHEMAS["vqav2"]
+    f = features("vqav2")
     return write_repo(
         out / "lmms-lab-encoder" / "VQAv2",
         {
@@ -340,7 +210,7 @@ def scienceqa(out: Path) -> Path:
                 "solution": f"The answer is {choices[answer]}.",
             }
         )
-    f = SCHEMAS["scienceqa"]
+    f = features("scienceqa")
     return write_repo(
         out / "lmms-lab-encoder" / "ScienceQA",
         {"ScienceQA-IMG": {"test": ("ScienceQA-IMG/test-00000-of-00001.parquet", columns(rows, f), f)}},
@@ -373,7 +243,7 @@ def textvqa(out: Path) -> Path:
         }
         for i, (q, a, ocr) in enumerate(items)
     ]
-    f = SCHEMAS["textvqa"]
+    f = features("textvqa")
     return write_repo(
         out / "lmms-lab-encoder" / "textvqa",
         {"default": {"validation": ("data/validation-00000-of-00001.parquet", columns(rows, f), f)}},
@@ -381,7 +251,7 @@ def textvqa(out: Path) -> Path:
 
 
 def pope(out: Path) -> Path:
-    f = SCHEMAS["pope"]
+    f = features("pope")
     splits = {}
     objects = {
         "adversarial": ("circle", "triangle"),
@@ -443,7 +313,7 @@ def mme(out: Path) -> Path:
         }
         for qid, cat, color, q, a in items
     ]
-    f = SCHEMAS["mme"]
+    f = features("mme")
     return write_repo(
         out / "lmms-lab-encoder" / "MME",
         {"default": {"test": ("data/test-00000-of-00001.parquet", columns(rows, f), f)}},
@@ -497,7 +367,7 @@ def mmbench(out: Path) -> Path:
         row["image"] = png(*colors[row["index"]])
         # the oracle keys on the question + each option line (rotations share the question text)
         oracle(" || ".join([row["question"]] + [f"{k}. {row[k]}" for k in "ABCD" if row[k]]), row["answer"])
-    f = SCHEMAS["mmbench"]
+    f = features("mmbench")
     return write_repo(
         out / "lmms-lab-encoder" / "MMBench",
         {"en": {"dev": ("en/dev-00000-of-00001.parquet", columns(rows, f), f)}},
@@ -528,7 +398,7 @@ def gqa(out: Path) -> Path:
     ]
     images = [{"id": image_id, "image": png(color, kind)} for image_id, _q, _a, color, kind in items]
     images.append({"id": "n999999", "image": png("yellow")})  # an image no question uses
-    fi, fm = SCHEMAS["gqa_instructions"], SCHEMAS["gqa_images"]
+    fi, fm = features("gqa_instructions"), features("gqa_images")
     return write_repo(
         out / "lmms-lab-encoder" / "GQA",
         {
@@ -573,7 +443,7 @@ def videomme(out: Path) -> Path:
                 "answer": answer,
             }
         )
-    f = SCHEMAS["videomme"]
+    f = features("videomme")
     return write_repo(
         folder, {"videomme": {"test": ("videomme/test-00000-of-00001.parquet", columns(rows, f), f)}}
     )
@@ -624,7 +494,7 @@ def egoschema(out: Path) -> Path:
                 "answer": str(answer),
             }
         )
-    f = SCHEMAS["egoschema"]
+    f = features("egoschema")
     return write_repo(
         folder, {"Subset": {"test": ("Subset/test-00000-of-00001.parquet", columns(rows, f), f)}}
     )
@@ -651,7 +521,7 @@ def nextqa(out: Path) -> Path:
                 **{f"a{i}": c for i, c in enumerate(choices)},
             }
         )
-    f = SCHEMAS["nextqa_mc"]
+    f = features("nextqa_mc")
     return write_repo(folder, {"MC": {"test": ("MC/test-00000-of-00001.parquet", columns(rows, f), f)}})
 
 

@@ -31,6 +31,8 @@ from typing import Any
 import datasets
 from PIL import Image, ImageDraw
 
+from tokenprune.data.schemas import features, write_parquet
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "tokenprune" / "eval" / "tasks" / "smoke" / "data"
 DEFAULT_CORRUPT_OUT = ROOT / "tests" / "fixtures" / "smoke_corrupt" / "data"
@@ -43,36 +45,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND = (245, 245, 245)
 CORRUPT_BYTES = b"not a png"
-
-POPE_FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "question_id": datasets.Value("string"),
-        "question": datasets.Value("string"),
-        "answer": datasets.Value("string"),
-        "image_source": datasets.Value("string"),
-        "image": datasets.Image(),
-        "category": datasets.Value("string"),
-    }
-)
-VQAV2_FEATURES = datasets.Features(
-    {
-        "question_type": datasets.Value("string"),
-        "multiple_choice_answer": datasets.Value("string"),
-        "answers": datasets.List(
-            {
-                "answer": datasets.Value("string"),
-                "answer_confidence": datasets.Value("string"),
-                "answer_id": datasets.Value("int64"),
-            }
-        ),
-        "image_id": datasets.Value("int64"),
-        "answer_type": datasets.Value("string"),
-        "question_id": datasets.Value("int64"),
-        "question": datasets.Value("string"),
-        "image": datasets.Image(),
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -131,7 +103,7 @@ _POPE_ITEMS: list[tuple[tuple[tuple[int, int], list[Shape]], tuple[str, str], st
 
 def pope_rows() -> dict[str, list[Any]]:
     """Eight POPE-schema rows, 4 "yes" / 4 "no", over three categories."""
-    cols: dict[str, list[Any]] = {k: [] for k in POPE_FEATURES}
+    cols: dict[str, list[Any]] = {k: [] for k in features("pope")}
     for i, ((size, shapes), (color, kind), answer, category) in enumerate(_POPE_ITEMS):
         cols["id"].append(str(i))
         cols["question_id"].append(str(i + 1))
@@ -229,7 +201,7 @@ _VQA_ITEMS: list[tuple[tuple[int, int], list[Shape], str, str, str, list[tuple[s
 
 def vqav2_rows() -> dict[str, list[Any]]:
     """Eight VQAv2-schema rows (split ``validation``) with 10 human-style answers each."""
-    cols: dict[str, list[Any]] = {k: [] for k in VQAV2_FEATURES}
+    cols: dict[str, list[Any]] = {k: [] for k in features("vqav2")}
     for i, (size, shapes, question, qtype, atype, votes) in enumerate(_VQA_ITEMS):
         image_id = 900_000 + i
         cols["question_type"].append(qtype)
@@ -252,25 +224,17 @@ def corrupt_pope_rows() -> dict[str, list[Any]]:
     return out
 
 
-def write_parquet(cols: dict[str, list[Any]], features: datasets.Features, path: Path) -> Path:
-    """Write ``cols`` as a parquet file with the Hugging Face ``features`` schema embedded."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds = datasets.Dataset.from_dict(cols, features=features)
-    ds.to_parquet(str(path))
-    return path
-
-
 def make_smoke(out: Path = DEFAULT_OUT) -> list[Path]:
     """Write ``pope.parquet`` and ``vqav2.parquet`` into ``out``; return their paths."""
     return [
-        write_parquet(pope_rows(), POPE_FEATURES, out / "pope.parquet"),
-        write_parquet(vqav2_rows(), VQAV2_FEATURES, out / "vqav2.parquet"),
+        write_parquet(pope_rows(), "pope", out / "pope.parquet"),
+        write_parquet(vqav2_rows(), "vqav2", out / "vqav2.parquet"),
     ]
 
 
 def make_corrupt(out: Path = DEFAULT_CORRUPT_OUT) -> list[Path]:
     """Write the corrupt-image POPE fixture ``pope_corrupt.parquet`` into ``out``."""
-    return [write_parquet(corrupt_pope_rows(), POPE_FEATURES, out / "pope_corrupt.parquet")]
+    return [write_parquet(corrupt_pope_rows(), "pope", out / "pope_corrupt.parquet")]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

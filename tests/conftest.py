@@ -17,6 +17,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one thread per xdist worker: `make test` runs 2 workers on 2 cores
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: without it they are skipped, with the reason (pyproject.toml's markers)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs CUDA, and this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny models: one intra-op thread avoids oversubscription under pytest-xdist (same results)."""

@@ -168,10 +168,11 @@ def test_fixtures_are_in_the_real_schemas(manager):
     """Every task resolves to its local fixture copy, whose columns are the dataset card's."""
     import datasets
 
+    from tokenprune.data.schemas import schemas as fixture_schemas
     from tokenprune.eval.data import task_yaml
     from tokenprune.eval.runner import resolve_tasks
 
-    schemas = _fixtures_module().SCHEMAS
+    schemas = fixture_schemas()
     expect = {
         "vqav2_val": "vqav2",
         "vqav2_test": "vqav2",
@@ -231,7 +232,7 @@ def test_suite_scores_perfect_answers_at_every_metrics_maximum(suite, manager, t
     else:
         assert {n for _q, n, _a in oracle.seen} == {6}  # video_frames frames per video, as images
         assert out["metrics"]["bench/mvbench/mvbench_accuracy"] == 100.0
-    assert out["eff"]["eff/samples"] == len(out["samples"]) and out["eff"]["eff/timer"] == "wall_clock"
+    assert out["efficiency"]["samples"] == len(out["samples"]) and out["efficiency"]["timer"] == "wall_clock"
 
 
 def test_llava15_prompts_differ_from_lmms_eval_where_llava_did(manager, tmp_path):
@@ -288,12 +289,10 @@ def test_task_config_runs_on_its_fixture_with_tiny_llava(name, model, manager):
     assert out["failures"] == []
     assert {key.split("/")[1] for key in out["metrics"]} >= set(bench.tasks) - SUBMISSION_ONLY
     assert {r["task"] for r in out["samples"]} == set(bench.tasks)
-    eff = out["eff"]
-    assert eff["eff/samples"] == len(out["samples"]) > 0
-    assert eff["eff/flops_prefill_mean"] > 0 and 0 < eff["eff/prefill_flops_ratio"] <= 1
-    assert eff["eff/prefill_ms_mean"] > 0 and eff["eff/visual_tokens_max"] <= (
-        1152 if name in VIDEO_CONFIGS else 576
-    )
+    eff = out["efficiency"]
+    assert eff["samples"] == len(out["samples"]) > 0
+    assert eff["flops_prefill_mean"] > 0 and 0 < eff["prefill_flops_ratio"] <= 1
+    assert eff["prefill_ms_mean"] > 0 and eff["visual_tokens_max"] <= (1152 if name in VIDEO_CONFIGS else 576)
     if name in VIDEO_CONFIGS:
         assert {r["images"] for r in out["samples"]} == {2}
 
@@ -317,7 +316,7 @@ def test_batch_1_and_batch_n_give_identical_answers(model, manager):
             (r["task"], r["doc_id"]): (r["answer"], r["visual_tokens"], r["text_tokens"])
             for r in out["samples"]
         }
-        assert out["eff"]["eff/batch_size_mean"] == pytest.approx(batch if batch == 1 else 4)
+        assert out["efficiency"]["batch_size_mean"] == pytest.approx(batch if batch == 1 else 4)
     assert runs[1] == runs[4] and len(runs[1]) == 12
     assert len({tokens for _a, tokens, _t in runs[4].values()}) > 1  # the batches really mix counts
 

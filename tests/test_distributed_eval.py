@@ -53,7 +53,7 @@ def test_two_rank_eval_matches_one_process(tiny_llava_path, tmp_path):
     result = json.loads(result_file.read_text())
     lines = (out / "results" / result["samples_file"]).read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert len(records) == 6 and result["eff"]["eff/samples"] == 6  # gathered on rank 0, padding dropped
+    assert len(records) == 6 and result["efficiency"]["samples"] == 6  # gathered on rank 0, padding dropped
     assert len({(r["task"], r["doc_id"]) for r in records}) == 6
     assert {r["batch"]["id"].split("-")[1] for r in records} == {"0", "1"}  # both ranks answered
     assert not list((out / "results").glob("*.rank*.jsonl"))  # rank part files merged away

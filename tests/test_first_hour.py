@@ -42,7 +42,6 @@ def fake_result(overrides: list[str], config_name: str, metrics: dict[str, float
             "failed_samples": 0,
             "wall_time_s": 1.0,
         },
-        "eff": {},
         **extra,
     }
 

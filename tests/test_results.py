@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from tokenprune.results import (
     SCHEMA,
     collect,
     config_hash,
+    efficiency,
     read_result,
     result_name,
     write_result,
@@ -83,3 +85,30 @@ def test_written_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_efficiency_reads_one_block_and_the_old_two():
+    new = {
+        "efficiency": {
+            "visual_tokens_mean": 77.0,
+            "samples": 3,
+            "prefill_flops_ratio": 0.2,
+            "wall_time_s": 5.0,
+        }
+    }
+    # written before the block was one: a short summary beside the meter's eff/<name> block
+    old = {
+        "efficiency": {"visual_tokens_mean": 77.0, "samples": 3, "failed_samples": 0, "wall_time_s": 5.0},
+        "eff": {"eff/visual_tokens_mean": 77.0, "eff/samples": 3, "eff/prefill_flops_ratio": 0.2},
+    }
+    assert efficiency(new) == new["efficiency"]
+    assert efficiency(old) == {
+        "visual_tokens_mean": 77.0,
+        "samples": 3,
+        "failed_samples": 0,
+        "wall_time_s": 5.0,
+        "prefill_flops_ratio": 0.2,
+    }
+    assert efficiency({}) == {}
+    fixture = read_result(next((Path(__file__).parent / "fixtures" / "results").glob("*.json")))
+    assert "eff" in fixture and efficiency(fixture)["flops_prefill_mean"] > 0  # an old-format file

@@ -96,8 +96,8 @@ def test_killed_run_resumes_and_reuses_recorded_answers(tiny_llava_path, tmp_pat
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (result_file,) = results.glob("*.json")
     result = json.loads(result_file.read_text())
-    assert result["eff"]["eff/resumed_samples"] == len(survived)
-    assert result["eff"]["eff/samples"] == 6 and result["efficiency"]["failed_samples"] == 0
+    assert result["efficiency"]["resumed_samples"] == len(survived)
+    assert result["efficiency"]["samples"] == 6 and result["efficiency"]["failed_samples"] == 0
     final = read_records(samples_file)
     assert len(final) == 6 and [(r["task"], r["doc_id"]) for r in final] == sorted(
         (r["task"], r["doc_id"]) for r in final

@@ -115,20 +115,14 @@ def test_every_paper_reference_resolves():
         assert paper["arxiv"] and paper["title"]
         for table in paper["tables"].values():
             assert table["source"] and table["rows"]
-    from hydra.errors import HydraException
-
     from tokenprune.config import group_options
 
     for name in group_options("experiment"):
-        try:
-            spec, _ = experiment_spec(name)
-        except HydraException:  # a config the experiment needs is not there yet (test_experiments skips it)
-            continue
+        spec, _ = experiment_spec(name)  # a config the experiment names but lacks fails here
         build_table(name, spec["table"], [], published)  # raises on a dangling `paper:` reference
 
 
 def test_plots_are_written_and_show_the_result_values(tmp_path):
-    pytest.importorskip("matplotlib")
     from tokenprune.tables.build import table_columns
     from tokenprune.tables.plots import collect_points, figure, write_plots
 

@@ -4,8 +4,10 @@ Schema (`SCHEMA`): name, config_hash (`config_hash` of the resolved config: a re
 is skipped unless `force=true`), run (times, git sha + dirty flag, package versions, host, device,
 command), choices (config group options), config (fully resolved), metrics (`bench/<task>/<metric>`,
 `train/...`; with compare_to_full also `full/...`, `pct_of_full/...`, `agreement/<task>`), efficiency
-(`visual_tokens_mean/min/max`, `samples`, `failed_samples`, `wall_time_s`), eff (the efficiency
-meter's `eff/<name>` block, tokenprune/eval/meter.py), tasks (where each task's data came from),
+(every figure of the efficiency meter, tokenprune/eval/meter.py, named as there without its `eff/`
+prefix: `visual_tokens_mean/min/max`, `samples`, `failed_samples`, FLOPs, times, memory; and the run's
+`wall_time_s`; read it with `efficiency(result)`, which also reads files written before the block was
+one: those have a short `efficiency` summary beside an `eff` block of `eff/<name>` keys), tasks (where each task's data came from),
 coverage (per task: documents `evaluated` and the task's `size`) and partial (true when some task
 was cut short by `benchmark.limit`; tables mark such results, `is_partial`), failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL) and, when tasks
 wrote submission files, artifacts (the sibling `<name>.files/` folder).
@@ -149,6 +151,21 @@ def _alive(pid: int) -> bool:
 
 def _rank_zero() -> bool:
     return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+EFFICIENCY_PREFIX = "eff/"  # the efficiency meter's names; the result's efficiency block drops it
+
+
+def efficiency_block(meter: Mapping[str, Any]) -> dict[str, Any]:
+    """The result's efficiency block from the meter's `eff/<name>` figures: `<name>` keys."""
+    return {key.removeprefix(EFFICIENCY_PREFIX): value for key, value in meter.items()}
+
+
+def efficiency(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A result's efficiency figures by name (`visual_tokens_mean`, `prefill_flops_ratio`, ...), from either
+    format: one `efficiency` block, or (files written before it) a short `efficiency` summary beside the
+    meter's `eff` block of `eff/<name>` keys, merged here."""
+    return {**efficiency_block(result.get("eff") or {}), **(result.get("efficiency") or {})}
 
 
 def write_result(path: str | os.PathLike, result: Mapping[str, Any]) -> Path:

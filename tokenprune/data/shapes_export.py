@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenprune.data.schemas import features, write_parquet
 from tokenprune.data.shapes import (
     POPE_CATEGORIES,
     SPLITS,
@@ -29,60 +30,6 @@ from tokenprune.data.shapes import (
     make_item,
     make_split,
 )
-
-
-def pope_features() -> Any:
-    """lmms-lab/POPE (config default, split test)."""
-    import datasets
-
-    s = datasets.Value("string")
-    return datasets.Features(
-        {
-            "id": s,
-            "question_id": s,
-            "question": s,
-            "answer": s,
-            "image_source": s,
-            "image": datasets.Image(),
-            "category": s,
-        }
-    )
-
-
-def vqav2_features() -> Any:
-    """lmms-lab/VQAv2 (split validation)."""
-    import datasets
-
-    s, i64 = datasets.Value("string"), datasets.Value("int64")
-    return datasets.Features(
-        {
-            "question_type": s,
-            "multiple_choice_answer": s,
-            "answers": datasets.List({"answer": s, "answer_confidence": s, "answer_id": i64}),
-            "image_id": i64,
-            "answer_type": s,
-            "question_id": i64,
-            "question": s,
-            "image": datasets.Image(),
-        }
-    )
-
-
-def scienceqa_features() -> Any:
-    """lmms-lab/ScienceQA (config ScienceQA-IMG, split test)."""
-    import datasets
-
-    s = datasets.Value("string")
-    columns = {
-        "image": datasets.Image(),
-        "question": s,
-        "choices": datasets.List(s),
-        "answer": datasets.Value("int8"),
-    }
-    columns.update({k: s for k in ("hint", "task", "grade", "subject", "topic", "category", "skill")})
-    columns.update({"lecture": s, "solution": s})
-    return datasets.Features(columns)
-
 
 MC_CATEGORIES = {
     "color": "Identify colors",
@@ -116,9 +63,7 @@ def eval_rows(
             cache[index] = (item, {"bytes": item.png(), "path": None})
         return cache[index]
 
-    pope: dict[str, list[Any]] = {
-        k: [] for k in ("id", "question_id", "question", "answer", "image_source", "image", "category")
-    }
+    pope: dict[str, list[Any]] = {k: [] for k in features("pope")}
     for index in range(pope_images):
         item, image = get(index)
         for category in POPE_CATEGORIES:
@@ -132,7 +77,7 @@ def eval_rows(
                 pope["image"].append(image)
                 pope["category"].append(category)
 
-    vqa: dict[str, list[Any]] = {k: [] for k in vqav2_features()}
+    vqa: dict[str, list[Any]] = {k: [] for k in features("vqav2")}
     cursor, index = 0, 0
     while len(vqa["question"]) < vqa_questions:
         item, image = get(index)
@@ -162,7 +107,7 @@ def eval_rows(
         cursor = next_cursor
         index += 1
 
-    sqa: dict[str, list[Any]] = {k: [] for k in scienceqa_features()}
+    sqa: dict[str, list[Any]] = {k: [] for k in features("scienceqa")}
     for index in range(mc_questions):
         item, image = get(index)
         (question,) = (q for q in item.questions if q.kind == "mc")
@@ -196,20 +141,12 @@ def write_eval_parquet(
     config: WorldConfig | None = None,
 ) -> list[Path]:
     """Write pope.parquet, vqav2.parquet, scienceqa.parquet (the real datasets' schemas) into `out`."""
-    import datasets
-
     if split == "train":
         raise ValueError("the eval tables are written from the val or test split; train is write_instruct's")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tables = eval_rows(split, seed, pope_images, vqa_questions, mc_questions, config=config)
-    features = {"pope": pope_features(), "vqav2": vqav2_features(), "scienceqa": scienceqa_features()}
-    paths = []
-    for name, columns in tables.items():
-        path = out / EVAL_FILES[name]
-        datasets.Dataset.from_dict(columns, features=features[name]).to_parquet(str(path))
-        paths.append(path)
-    return paths
+    return [write_parquet(columns, name, out / EVAL_FILES[name]) for name, columns in tables.items()]
 
 
 def instruct_record(item: Item, image_path: str, max_turns: int | None = None) -> dict[str, Any]:

@@ -23,7 +23,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.config import choices
-from tokenprune.results import config_hash, finished, result_name, run_info, run_lock, write_result
+from tokenprune.results import (
+    config_hash,
+    efficiency,
+    efficiency_block,
+    finished,
+    result_name,
+    run_info,
+    run_lock,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
 PROMPT_SETS = ("lmms_eval", "llava15")
@@ -183,7 +192,7 @@ def evaluate(
 
     Returns:
         {"metrics": {"bench/<task>/<metric>": value}, "samples": per-request records,
-         "failures": [...], "efficiency": {...}, "eff": {"eff/<name>": ...}, "tasks": {task: data info}}
+         "failures": [...], "efficiency": {<the meter's figures, without eff/>}, "tasks": {task: data info}}
         on rank 0; {} on other ranks.
     """
     from tokenprune.eval import meter
@@ -201,28 +210,18 @@ def evaluate(
     eval_s = time.perf_counter() - started
     if output is None:  # non-zero ranks
         return {}
-    eff = {
+    figures = {
         **meter.summarize(records, adapter),
         **meter.peak_memory(adapter.device),
         "eff/eval_wall_s": eval_s,
     }
     metrics = flatten_metrics(output["results"])
     metrics.update(aggregate_metrics(metrics, benchmark.aggregates))
-    failures = [r for r in records if "failed" in r]
-    answered = [r for r in records if "failed" not in r]
-    kept = [r["visual_tokens"] for r in answered]
     outcome = {
         "metrics": metrics,
         "samples": records,
-        "failures": failures,
-        "efficiency": {
-            "visual_tokens_mean": sum(kept) / len(kept) if kept else None,
-            "visual_tokens_min": min(kept) if kept else None,
-            "visual_tokens_max": max(kept) if kept else None,
-            "samples": len(records),
-            "failed_samples": len(failures),
-        },
-        "eff": eff,
+        "failures": [r for r in records if "failed" in r],
+        "efficiency": efficiency_block(figures),
         "tasks": where,
         "coverage": coverage(output),
     }
@@ -481,7 +480,7 @@ def _evaluate_and_write(
     if not outcome:  # non-zero rank: rank 0 writes the files
         return {}
     info = run_info(started, device=str(adapter.device))
-    efficiency = {**outcome["efficiency"], "wall_time_s": info["wall_time_s"]}
+    figures = {**outcome["efficiency"], "wall_time_s": info["wall_time_s"]}
     result = {
         "name": name,
         "config_hash": digest,
@@ -489,8 +488,7 @@ def _evaluate_and_write(
         "choices": picked,
         "config": resolved,
         "metrics": {**(train_metrics or {}), **outcome["metrics"]},
-        "efficiency": efficiency,
-        "eff": outcome["eff"],
+        "efficiency": figures,
         "tasks": outcome["tasks"],
         "coverage": outcome["coverage"],
         "partial": any(c["evaluated"] < c["size"] for c in outcome["coverage"].values()),
@@ -511,7 +509,7 @@ def _evaluate_and_write(
 
 def summary(result: dict[str, Any]) -> str:
     """A short human-readable table of a result."""
-    eff = result.get("efficiency") or {}
+    eff = efficiency(result)
     lines = [
         f"result {result.get('name')}",
         f"  visual tokens kept: mean {eff.get('visual_tokens_mean')} "
@@ -521,10 +519,9 @@ def summary(result: dict[str, Any]) -> str:
     if result.get("partial"):
         parts = ", ".join(f"{t} {c['evaluated']}/{c['size']}" for t, c in result["coverage"].items())
         lines.append(f"  PARTIAL (benchmark.limit): {parts} documents; tables mark it with *")
-    meter = result.get("eff", {})
-    for key in ("eff/flops_prefill_mean", "eff/prefill_flops_ratio", "eff/ttft_ms_mean", "eff/samples_per_s"):
-        if meter.get(key) is not None:
-            lines.append(f"  {key:<48} {meter[key]:.4g}")
+    for key in ("flops_prefill_mean", "prefill_flops_ratio", "ttft_ms_mean", "samples_per_s"):
+        if eff.get(key) is not None:
+            lines.append(f"  {'efficiency/' + key:<48} {eff[key]:.4g}")
     metrics = result.get("metrics") or {}
     if any(key.startswith("full/") for key in metrics):  # compare_to_full: reduced | unreduced | %
         lines.append(f"  {'metric':<48} {'reduced':>8} {'full':>8} {'% full':>7}")

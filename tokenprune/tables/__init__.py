@@ -30,7 +30,7 @@ Table spec (`experiment.table`):
         cells: {<column id>: {...}}     # optional: extra keys for one column's cell
         paper: prumerge_7b              # a row of `published`, or <paper>/<table>/<row>
         note: text
-    efficiency: true                    # append Tokens, Prefill FLOPs and FLOPs ratio (the results' eff/*)
+    efficiency: true                    # append Tokens, Prefill FLOPs and FLOPs ratio (the results' efficiency block)
 
 Each cell takes the newest matching result (by `run.finished`) that has the metric; when several match, a
 note says so. Plot spec (`experiment.plot`): `series` (a label template over the same keys, default

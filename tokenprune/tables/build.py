@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tokenprune.results import coverage_text, is_partial
+from tokenprune.results import coverage_text, efficiency, is_partial
 
 PARTIAL = "*"  # appended to the label of a row with a partial result (benchmark.limit), with a note
 PUBLISHED = Path(__file__).resolve().parent / "published.yaml"
@@ -18,8 +18,8 @@ CHOICE_KEYS = ("model", "reducer", "benchmark", "train")  # read from a result's
 # Efficiency columns appended to every table (unless `efficiency: false`): id, label, source, published key.
 EFFICIENCY = (
     ("tokens", "Tokens", "visual_tokens", "tokens"),
-    ("prefill_flops", "Prefill FLOPs", "eff/flops_prefill_mean", None),
-    ("flops_ratio", "FLOPs ratio", "eff/prefill_flops_ratio", "flops_ratio"),
+    ("prefill_flops", "Prefill FLOPs", "flops_prefill_mean", None),
+    ("flops_ratio", "FLOPs ratio", "prefill_flops_ratio", "flops_ratio"),
 )
 
 
@@ -180,11 +180,8 @@ def _weighted(results: list[dict[str, Any]], source: str) -> float | None:
     """Sample-weighted mean of an efficiency number over the results a row uses."""
     total = weight = 0.0
     for r in results:
-        eff, summary = r.get("eff") or {}, r.get("efficiency") or {}
-        if source == "visual_tokens":
-            value = summary.get("visual_tokens_mean", eff.get("eff/visual_tokens_mean"))
-        else:
-            value = eff.get(source)
+        summary = efficiency(r)
+        value = summary.get("visual_tokens_mean" if source == "visual_tokens" else source)
         if value is None:
             continue
         n = max(1, int(summary.get("samples") or 1) - int(summary.get("failed_samples") or 0))

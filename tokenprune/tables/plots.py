@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tokenprune.results import efficiency
 from tokenprune.tables.build import Column, label_of, matches, paper_row, table_columns
 
 Point = tuple[float, float, str]  # tokens, value, result name
@@ -35,7 +36,7 @@ def collect_points(spec: dict[str, Any], results: list[dict[str, Any]]) -> dict[
         series: dict[str, list[Point]] = {}
         for r in results:
             value = (r.get("metrics") or {}).get(col.metric)
-            tokens = (r.get("efficiency") or {}).get("visual_tokens_mean")
+            tokens = efficiency(r).get("visual_tokens_mean")
             if value is None or tokens is None or not matches(r, where):
                 continue
             series.setdefault(label_of(template, r), []).append(
