@@ -27,25 +27,16 @@ from tokenprune.reducers.divprune import DivPrune
 from tokenprune.reducers.downsample import Downsample
 from tokenprune.reducers.visionzip import VisionZip
 from tokenprune.reducers.vispruner import VisPruner
+from tokenprune.synthetic import clip_like_tokens
 from tokenprune.types import VIT_CLS_ATTN_HEADS, VIT_CLS_FEATURE, VIT_FEAT_KEYS, VisualTokens
 
 N, GRID, DIM, HEADS, LLM_DIM = 576, (24, 24), 1024, 16, 4096
 
 
 def make_tokens(b: int, dim: int, device: str, dtype: torch.dtype, seed: int = 0) -> VisualTokens:
-    """Per-head CLS attention with a few strong patches, random keys, features and CLS row."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, HEADS, N + 1, generator=g) * 0.5
-    logits[:, :, torch.randperm(N, generator=g)[:30] + 1] += 4.0
-    signals = {
-        VIT_CLS_ATTN_HEADS: logits.softmax(-1)[:, :, 1:],
-        VIT_FEAT_KEYS: torch.randn(b, N, DIM, generator=g),
-        VIT_CLS_FEATURE: torch.randn(b, dim, generator=g),
-    }
-    features = torch.randn(b, N, dim, generator=g)
-    return VisualTokens(
-        features.to(device, dtype), GRID, {k: v.to(device, dtype) for k, v in signals.items()}
-    )
+    """Per-head CLS attention with a few strong patches, normal keys, features and CLS row of width dim
+    (tokenprune.synthetic)."""
+    return clip_like_tokens(b, GRID, dim, seed=seed, dtype=dtype, device=device, heads=HEADS, key_dim=DIM)
 
 
 def visionzip_loop(tokens: VisualTokens, dominant: int = 54, contextual: int = 10) -> None:

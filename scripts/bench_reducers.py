@@ -31,22 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from tokenprune.reducers.prumerge import PruMerge, PruMergePlus
+from tokenprune.synthetic import clip_like_tokens
 from tokenprune.types import VIT_CLS_ATTN, VIT_KEYS, VisualTokens
 
 N, GRID, DIM = 576, (24, 24), 1024
 
 
 def make_tokens(b: int, device: str, dtype: torch.dtype, seed: int = 0) -> VisualTokens:
-    """Softmax over 577 logits (N(0, 0.5) background, 8-40 strong patches), normal keys and features."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, N + 1, generator=g) * 0.5
-    for i in range(b):
-        strong = int(torch.randint(8, 41, (1,), generator=g))
-        logits[i, torch.randperm(N, generator=g)[:strong] + 1] += 3.0 + 3.0 * torch.rand(strong, generator=g)
-    attention = logits.softmax(dim=-1)[:, 1:]
-    keys, features = torch.randn(b, N, DIM, generator=g), torch.randn(b, N, DIM, generator=g)
-    signals = {VIT_CLS_ATTN: attention.to(device, dtype), VIT_KEYS: keys.to(device, dtype)}
-    return VisualTokens(features=features.to(device, dtype), grid=GRID, signals=signals)
+    """CLIP-like CLS attention (a few strong outliers), normal keys and features (tokenprune.synthetic)."""
+    return clip_like_tokens(b, GRID, DIM, seed=seed, dtype=dtype, device=device)
 
 
 def loop_reference_style(tokens: VisualTokens, plus: bool, knn_k: int = 32) -> list[torch.Tensor]:

@@ -61,32 +61,6 @@ def random_images(n: int, seed: int = 0) -> list[Image.Image]:
     ]
 
 
-def clip_like_signals(b: int, n: int, c: int, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """CLS attention with a few strong outliers (as CLIP's) and random keys; for LLM-input reducers the
-    layer-0 text->visual attention (a distribution with outliers, [B, N]) and a relevance vector."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, n + 1, generator=generator)
-    spikes = torch.randint(0, n, (b, max(1, n // 40)), generator=generator)
-    logits.scatter_add_(1, spikes + 1, 4 + 2 * torch.rand(spikes.shape, generator=generator))
-    attention = logits.softmax(-1)[:, 1:]
-    keys = torch.randn(b, n, c, generator=generator)
-    text_attn = (torch.randn(b, n, generator=generator) + 3 * (attention > attention.median())).softmax(-1)
-    relevance = torch.rand(b, n, generator=generator) * text_attn
-    heads = 4 if c % 4 == 0 else 1  # feature-layer signals (VisionZip, VisPruner): per-head CLS attention
-    head_logits = logits[:, None] + torch.randn(b, heads, n + 1, generator=generator)
-    feature_layer = {
-        "vit_cls_attn_heads": head_logits.softmax(-1)[:, :, 1:].to(dtype),  # [B, H, N]
-        "vit_feat_keys": torch.randn(b, n, c, generator=generator).to(dtype),  # [B, N, C]
-        "vit_cls_feature": torch.randn(b, c, generator=generator).to(dtype),  # [B, C]
-    }
-    return feature_layer | {
-        "vit_cls_attn": attention.to(dtype),
-        "vit_keys": keys.to(dtype),
-        "llm_text_attn": text_attn.to(dtype),
-        "relevance": relevance.to(dtype),
-    }
-
-
 def reducer_options(in_llm: bool = False) -> list[str]:
     """The configs/reducer options that run before the LLM (vision / llm / LLM input), or, with
     `in_llm`, those that run inside it (`space="llm_layer"`, tested in test_layered.py)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,14 @@ def test_docs_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "site" / "index.html").is_file()
     assert (tmp_path / "site" / "models" / "index.html").is_file()
+
+
+def test_readme_is_short_and_its_links_resolve():
+    # the README is the quick start (the reference lives in docs/); mkdocs checks docs/, this checks the README
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200, "keep the README a quick start: move reference material to docs/"
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [t for t in targets if not t.startswith(("http://", "https://", "mailto:"))]
+    assert local, "the README links into docs/"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"

@@ -6,10 +6,11 @@ import inspect
 
 import pytest
 import torch
-from conftest import clip_like_signals, reducer_options
+from conftest import reducer_options
 from hydra.utils import get_class, instantiate
 
 from tokenprune.config import compose
+from tokenprune.synthetic import clip_like_tokens
 from tokenprune.types import Reduced, VisualTokens
 
 REDUCERS = reducer_options()
@@ -29,12 +30,7 @@ def build(name: str, **fields):
 
 
 def tokens(b: int, grid: tuple[int, int], d: int = 16, seed: int = 0, dtype=torch.float32) -> VisualTokens:
-    n = grid[0] * grid[1]
-    generator = torch.Generator().manual_seed(seed + 1000)
-    features = torch.randn(b, n, d, generator=generator).to(dtype)
-    return VisualTokens(
-        features=features, grid=grid, signals=clip_like_signals(b, n, d, seed=seed, dtype=dtype)
-    )
+    return clip_like_tokens(b, grid, d, seed=seed, dtype=dtype)
 
 
 def sample(t: VisualTokens, i: int) -> VisualTokens:
