@@ -227,6 +227,7 @@ def _cli(tmp_path: Path, *args: str, module: str = "tokenprune.eval") -> subproc
     ],
     ids=["limit0", "slurm_without_slurm", "read_only_outputs"],
 )
+@pytest.mark.integration  # the entry point in a subprocess
 def test_command_line_errors_are_one_line_and_write_nothing(tmp_path, args, message):
     done = _cli(tmp_path, *args)
     assert done.returncode == 2, done.stderr[-2000:]

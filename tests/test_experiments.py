@@ -70,7 +70,17 @@ def test_experiment_header_says_what_it_reproduces_and_costs(name):
     assert meta["table"]["columns"] and (meta["table"].get("rows") or meta["table"].get("group_by"))
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+def by_grid_size(names: list[str], slow_above: int = 60) -> list:
+    """The experiments, those whose grid has over `slow_above` points (~0.3 s each to compose) marked slow."""
+    return [
+        pytest.param(name, marks=pytest.mark.slow)
+        if len(grid(load(name)[1]["hydra"]["sweeper"]["params"])) > slow_above
+        else name
+        for name in names
+    ]
+
+
+@pytest.mark.parametrize("name", by_grid_size(EXPERIMENTS))
 def test_every_sweep_point_composes_binds_and_has_its_own_result(name):
     text, body = load(name)
     sweep = body["hydra"]["sweeper"]["params"]

@@ -147,6 +147,7 @@ def test_lightning_adverts_and_library_deprecations_are_dropped():
     assert caught == []
 
 
+@pytest.mark.integration  # each script in a subprocess
 @pytest.mark.parametrize("script", sorted(p.name for p in (PROJECT_ROOT / "scripts").glob("bench_*.py")))
 def test_every_benchmark_script_runs_in_smoke_mode(script):
     done = subprocess.run(
@@ -173,6 +174,8 @@ def test_datasets_cache_goes_under_outputs(tmp_path, monkeypatch):
     assert os.environ["LMMS_EVAL_DATASETS_CACHE"] == str(tmp_path / "elsewhere" / "datasets")
 
 
+@pytest.mark.slow
+@pytest.mark.integration  # the eval entry point in a subprocess with its own HOME
 def test_an_evaluation_writes_nothing_outside_outputs_and_flags_its_limit(tmp_path):
     """The datasets cache and its locks live under outputs/ (not ~/.cache); a limited run says PARTIAL."""
     home = tmp_path / "home"

@@ -34,6 +34,7 @@ def _check_env():
 check_env = _check_env()
 
 
+@pytest.mark.integration  # pip check in a subprocess
 def test_pip_check_reports_exactly_the_excluded_dependencies():
     out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     unexpected, missing = check_env.pip_check_problems(out.stdout + out.stderr)

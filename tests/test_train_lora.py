@@ -221,6 +221,7 @@ def test_saved_adapter_loads_to_identical_logits(trained, tiny_llava_path):
     assert not torch.allclose(got.logits, base)  # the adapter changed the model
 
 
+@pytest.mark.integration  # the eval entry point's run() on a fitted stage
 def test_eval_entry_loads_train_adapter(trained, tiny_llava_path, tmp_path, monkeypatch):
     """`tokenprune.eval train=lora train.adapter=PATH` evaluates the model with the saved adapter."""
     from tokenprune.eval import runner

@@ -68,13 +68,16 @@ def test_bad_image_paths_are_clear_errors(tmp_path):
 
 
 def test_the_readme_example_keeps_patches_and_shows_its_whole_title(tmp_path):
-    """README's `python -m tokenprune.visualize ...` line, run as written (default model: the miniature)."""
+    """README's `python -m tokenprune.visualize ...` line (less its comment), run as written (default model:
+    the miniature)."""
     import re
 
     from tokenprune.config import PROJECT_ROOT
 
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
-    (command,) = re.findall(r"^python -m tokenprune\.visualize (.*?)(?: \[.*)?$", readme, flags=re.M)
+    (command,) = re.findall(
+        r"^python -m tokenprune\.visualize (.*?)(?: \[.*)?(?:\s+#.*)?$", readme, flags=re.M
+    )
     overrides = [arg for arg in command.split() if not arg.startswith("scale=")]
     for scale in (2, 3):
         cfg = compose([*overrides, f"scale={scale}", f"output={tmp_path / 'v.png'}"], config_name="visualize")
