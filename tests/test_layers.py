@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tokenprune"
 
 # Bottom to top. A unit is a top-level module or package of tokenprune; every `__main__` is an entry point.
 LAYERS: list[set[str]] = [
-    {"__init__", "types", "config", "atomic", "results", "synthetic"},  # foundation: leaves
+    {"__init__", "types", "config", "atomic", "results", "synthetic", "templates"},  # foundation: leaves
     {"reducers"},  # pure tensor code
     {"models"},  # one adapter per family
     {"data", "explain", "fitting", "stages"},  # data, GAE labels + the mapper's fit, Lightning pieces, saving

@@ -18,7 +18,6 @@ from tokenprune.data.instruct import (
     NO_ASSISTANT_TURN,
     NO_CONVERSATIONS,
     TOO_LONG,
-    VICUNA_V1,
     InstructDataset,
     LengthGroupedSampler,
     collate,
@@ -27,8 +26,8 @@ from tokenprune.data.instruct import (
     parse_record,
     render,
 )
-from tokenprune.models.llava import LLAVA15_PROMPT, LLAVA15_SYSTEM
 from tokenprune.reducers.baselines import UniformSample
+from tokenprune.templates import LLAVA15_PROMPT, LLAVA15_SYSTEM, VICUNA_V1
 
 FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "instruct"
 RECORDS = load_records(FIXTURE / "llava_instruct.json")

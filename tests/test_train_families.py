@@ -10,11 +10,12 @@ from conftest import random_images
 from hydra.utils import instantiate
 
 from tokenprune.config import compose
-from tokenprune.data.instruct import ONEVISION_CHATML, QWEN_CHATML, render
+from tokenprune.data.instruct import render
 from tokenprune.models.llava_ov import LlavaOnevisionAdapter
 from tokenprune.models.qwen2vl import Qwen2VLAdapter
 from tokenprune.reducers.baselines import UniformSample
 from tokenprune.reducers.keep_by_signal import KeepBySignal
+from tokenprune.templates import ONEVISION_CHATML, QWEN_CHATML
 from tokenprune.train.pipeline import stage_dir
 
 FAMILIES = {

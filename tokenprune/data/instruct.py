@@ -1,4 +1,4 @@
-"""LLaVA instruction data: the JSON format, conversation templates, a fault-tolerant dataset, batching.
+"""LLaVA instruction data: the JSON format, rendering with a conversation template (tokenprune.templates), a fault-tolerant dataset, batching.
 
 The format is LLaVA's (e.g. `llava_v1_5_mix665k.json`): a JSON list of
 
@@ -25,7 +25,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,11 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from tokenprune.data.images import strict_decoding
-from tokenprune.models.llava import LLAVA15_SYSTEM
+from tokenprune.templates import IMAGE, ConversationTemplate
+from tokenprune.templates import VICUNA_V1 as VICUNA_V1  # re-exported for models/mini.py (issue-17 moves it)
 
 log = logging.getLogger(__name__)
 
-IMAGE = "<image>"
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 # Skip reasons (counted and logged).
@@ -49,59 +49,6 @@ BAD_IMAGE_FIELD = "bad_image_field"
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 TOO_LONG = "too_long"
-
-
-@dataclass(frozen=True)
-class ConversationTemplate:
-    """How one model family renders a conversation (data only; add a family by adding an instance).
-
-    A conversation renders as
-    `system + user(images + q1) + assistant(a1) + end + user(q2) + assistant(a2) + end + ...`;
-    `assistant(a) + end` is trained on, the rest is context. `{text}` marks the message.
-
-    Attributes:
-        name: the key in TEMPLATES (config: train.data.template).
-        system: text before the first user turn.
-        user: a user turn around its message, up to the assistant's cue.
-        assistant: an assistant reply around its text.
-        end: closes each assistant reply and is trained on (so the model learns to stop).
-        image: one per image, before the first user message.
-    """
-
-    name: str
-    system: str
-    user: str
-    assistant: str
-    end: str
-    image: str = IMAGE + "\n"
-
-
-# LLaVA-1.5 (`--version v1`, SeparatorStyle.TWO): "<system> USER: <image>\nq ASSISTANT: a</s>USER: ..."
-VICUNA_V1 = ConversationTemplate(
-    name="vicuna_v1",
-    system=LLAVA15_SYSTEM + " ",
-    user="USER: {text} ASSISTANT:",
-    assistant=" {text}",
-    end="</s>",
-)
-# Qwen2-VL / Qwen2.5-VL chat format (ChatML with the default system message), as the adapter's prompt.
-QWEN_CHATML = ConversationTemplate(
-    name="qwen_chatml",
-    system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
-    user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
-    assistant="{text}",
-    end="<|im_end|>\n",
-    image="<|vision_start|><|image_pad|><|vision_end|>",
-)
-# LLaVA-OneVision (Qwen2 LLM): the same ChatML with its "<image>\n" marker, as the adapter's prompt.
-ONEVISION_CHATML = replace(QWEN_CHATML, name="onevision_chatml", image=IMAGE + "\n")
-TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1, QWEN_CHATML, ONEVISION_CHATML)}
-
-
-def get_template(name: str) -> ConversationTemplate:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {name!r}; valid: {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
 
 
 @dataclass(frozen=True)
@@ -422,7 +369,7 @@ class DataSettings:
     Attributes:
         json: a LLaVA-format JSON list (e.g. llava_v1_5_mix665k.json).
         image_root: the folder its image paths are relative to.
-        template: conversation template name (tokenprune.data.instruct.TEMPLATES).
+        template: conversation template name (tokenprune.templates.TEMPLATES).
         max_length: samples longer than this many tokens (text + image_tokens per image) are skipped.
         image_tokens: tokens counted per image for max_length and grouping (None: the vision
             tower's patch count + 1, an upper bound for every reducer).

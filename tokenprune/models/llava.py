@@ -26,6 +26,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokenprune.models._views import SplicedInputs, assemble, gathered_positions, reduce_items
 from tokenprune.models.base import AdapterCore, Capabilities, VisionFlops, load_pretrained
 from tokenprune.models.signals import SIGNAL_DTYPES, clip_cls_attention, clip_feature_layer_signals
+
+# LLAVA15_SYSTEM is re-exported for models/mini.py and data/shapes.py (the miniature, issue-17)
+from tokenprune.templates import LLAVA15_PROMPT
+from tokenprune.templates import LLAVA15_SYSTEM as LLAVA15_SYSTEM
 from tokenprune.types import (
     FEATURE_LAYER_SIGNALS,
     VIT_CLS_ATTN,
@@ -35,12 +39,6 @@ from tokenprune.types import (
     VisualTokens,
 )
 
-# LLaVA-1.5's vicuna_v1 conversation format, as its training and eval scripts render it.
-LLAVA15_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-LLAVA15_PROMPT = LLAVA15_SYSTEM + " USER: {images}{question} ASSISTANT:"
 IMAGE_ASPECTS = ("pad", "crop")
 
 

@@ -15,9 +15,9 @@ from tokenprune.data.instruct import (
     InstructDataset,
     LengthGroupedSampler,
     collate,
-    get_template,
     load_records,
 )
+from tokenprune.templates import get_template
 
 log = logging.getLogger(__name__)
 
