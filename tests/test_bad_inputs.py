@@ -100,6 +100,7 @@ def test_ratio_out_of_range_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- data and model
+@pytest.mark.integration  # through lmms-eval
 def test_missing_dataset_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hf_home" / "hub"))
@@ -272,6 +273,7 @@ def bad_images_task(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.integration  # through lmms-eval
 def test_truncated_corrupt_and_missing_images_fail_their_sample_only(
     tmp_path, tiny_llava_path, bad_images_task
 ):

@@ -164,6 +164,7 @@ def test_every_task_has_a_config_and_the_suites_match_them():
     assert benchmark("llava_suite").prompt == "llava15" and benchmark("video_suite").prompt == "lmms_eval"
 
 
+@pytest.mark.integration  # lmms-eval's task index and evaluator
 def test_fixtures_are_in_the_real_schemas(manager):
     """Every task resolves to its local fixture copy, whose columns are the dataset card's."""
     import datasets
@@ -202,6 +203,7 @@ def test_fixtures_are_in_the_real_schemas(manager):
 
 
 # ----------------------------------------------------------------------------- scoring
+@pytest.mark.integration  # lmms-eval's task index and evaluator
 @pytest.mark.parametrize("suite", list(SUITES))
 def test_suite_scores_perfect_answers_at_every_metrics_maximum(suite, manager, tmp_path):
     from tokenprune.eval.runner import evaluate
@@ -235,6 +237,7 @@ def test_suite_scores_perfect_answers_at_every_metrics_maximum(suite, manager, t
     assert out["efficiency"]["samples"] == len(out["samples"]) and out["efficiency"]["timer"] == "wall_clock"
 
 
+@pytest.mark.integration  # lmms-eval's task index and evaluator
 def test_llava15_prompts_differ_from_lmms_eval_where_llava_did(manager, tmp_path):
     from tokenprune.eval.runner import evaluate
 
@@ -269,6 +272,7 @@ CASES = [
 ]
 
 
+@pytest.mark.integration  # lmms-eval's task index and evaluator
 @pytest.mark.parametrize("name", CASES)
 def test_task_config_runs_on_its_fixture_with_tiny_llava(name, model, manager):
     from tokenprune.eval.runner import evaluate
@@ -297,6 +301,7 @@ def test_task_config_runs_on_its_fixture_with_tiny_llava(name, model, manager):
         assert {r["images"] for r in out["samples"]} == {2}
 
 
+@pytest.mark.integration  # lmms-eval's task index and evaluator
 def test_batch_1_and_batch_n_give_identical_answers(model, manager):
     """Through lmms-eval: mixed per-sample token counts (PruMerge+) batched vs one at a time."""
     from tokenprune.eval.runner import evaluate
@@ -321,6 +326,7 @@ def test_batch_1_and_batch_n_give_identical_answers(model, manager):
     assert len({tokens for _a, tokens, _t in runs[4].values()}) > 1  # the batches really mix counts
 
 
+@pytest.mark.integration  # lmms-eval's task index and evaluator
 def test_compare_to_full_reports_percent_and_agreement(model, manager, tmp_path):
     from tokenprune.eval.runner import evaluate
     from tokenprune.reducers.baselines import UniformSample
@@ -360,6 +366,7 @@ def test_compare_to_full_reports_percent_and_agreement(model, manager, tmp_path)
 
 
 # ----------------------------------------------------------------------------- data errors
+@pytest.mark.integration  # lmms-eval's task index and evaluator
 def test_missing_dataset_fails_fast_with_the_id_and_how_to_fetch_it(manager, tmp_path):
     from tokenprune.eval.data import DatasetNotFound
     from tokenprune.eval.runner import resolve_tasks
@@ -372,6 +379,7 @@ def test_missing_dataset_fails_fast_with_the_id_and_how_to_fetch_it(manager, tmp
     assert "huggingface-cli download --repo-type dataset lmms-lab-encoder/VQAv2" in message
 
 
+@pytest.mark.integration  # lmms-eval's task index and evaluator
 def test_video_task_in_the_hf_cache_needs_its_unpacked_videos(manager, tmp_path, monkeypatch):
     from tokenprune.eval import data
     from tokenprune.eval.runner import resolve_tasks
@@ -393,6 +401,7 @@ def test_video_task_in_the_hf_cache_needs_its_unpacked_videos(manager, tmp_path,
     assert specs[0]["doc_to_visual"].__module__ == "tokenprune.eval.video"
 
 
+@pytest.mark.integration  # lmms-eval's task index and evaluator
 def test_api_judged_task_needs_the_explicit_flag(manager):
     from tokenprune.eval.runner import resolve_tasks
 

@@ -161,6 +161,7 @@ def test_every_benchmark_script_runs_in_smoke_mode(script):
     assert "x" in done.stdout and len(done.stdout.splitlines()) >= 3, done.stdout  # a table of speed-ups
 
 
+@pytest.mark.integration  # the preflight's data check indexes lmms-eval's tasks
 def test_datasets_cache_goes_under_outputs(tmp_path, monkeypatch):
     from tokenprune.eval.preflight import check_data
 

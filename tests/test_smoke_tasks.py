@@ -106,17 +106,20 @@ def _scores(task: Any, predictions: list[str]) -> dict[str, float]:
     return {metric: agg[metric](values) for metric, values in per_metric.items()}
 
 
+@pytest.mark.integration  # lmms-eval's full task index
 def test_tasks_and_group_are_discovered(task_manager: Any) -> None:
     assert {"tp_smoke_pope", "tp_smoke_vqa"} <= set(task_manager.all_subtasks)
     assert "tp_smoke" in task_manager.all_groups
 
 
+@pytest.mark.integration  # lmms-eval's full task index
 def test_group_loads_both_tasks(smoke_tasks: dict[str, Any]) -> None:
     assert sorted(smoke_tasks) == ["tp_smoke_pope", "tp_smoke_vqa"]
     gen = smoke_tasks["tp_smoke_pope"].config.generation_kwargs
     assert gen["max_new_tokens"] == 16 and gen["do_sample"] is False and gen["temperature"] == 0.0
 
 
+@pytest.mark.integration  # lmms-eval's full task index
 def test_pope_docs_schema_visuals_and_prompt(smoke_tasks: dict[str, Any]) -> None:
     from PIL import Image
 
@@ -134,6 +137,7 @@ def test_pope_docs_schema_visuals_and_prompt(smoke_tasks: dict[str, Any]) -> Non
     assert task.doc_to_target(docs[0]) == "yes"
 
 
+@pytest.mark.integration  # lmms-eval's full task index
 def test_vqa_docs_schema_visuals_and_prompt(smoke_tasks: dict[str, Any]) -> None:
     from PIL import Image
 
@@ -151,6 +155,7 @@ def test_vqa_docs_schema_visuals_and_prompt(smoke_tasks: dict[str, Any]) -> None
     assert task.doc_to_target(docs[1]) == "2"
 
 
+@pytest.mark.integration  # lmms-eval's full task index
 def test_pope_scoring_uses_lmms_eval_metrics(smoke_tasks: dict[str, Any]) -> None:
     task = smoke_tasks["tp_smoke_pope"]
     truth = list(task.test_docs()["answer"])
@@ -173,6 +178,7 @@ def test_pope_scoring_uses_lmms_eval_metrics(smoke_tasks: dict[str, Any]) -> Non
     assert mixed["pope_f1_score"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.integration  # lmms-eval's full task index
 def test_vqa_scoring_uses_lmms_eval_soft_accuracy(smoke_tasks: dict[str, Any]) -> None:
     task = smoke_tasks["tp_smoke_vqa"]
     majority = list(task.test_docs()["multiple_choice_answer"])
@@ -221,6 +227,7 @@ class _OracleModel:
         return Oracle()
 
 
+@pytest.mark.integration  # lmms-eval's full task index
 def test_simple_evaluate_end_to_end(task_manager: Any, smoke_tasks: dict[str, Any]) -> None:
     from lmms_eval.evaluator import simple_evaluate
 
