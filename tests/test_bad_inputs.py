@@ -50,6 +50,7 @@ def refused(tmp_path: Path, *overrides: str, config: str = "eval", match: str) -
 
 
 # ---------------------------------------------------------------------------------------- config values
+@pytest.mark.slow  # every option and every experiment's every grid point (~25 s on 2 shared cores)
 def test_every_shipped_option_and_experiment_passes_the_type_check():
     """No false refusals: each group option and each experiment type-checks as shipped."""
     from tokenprune.config import GROUPS, group_options
@@ -297,6 +298,7 @@ def test_truncated_corrupt_and_missing_images_fail_their_sample_only(
     assert result["coverage"] == {"tp_bad_images": {"evaluated": 5, "size": 5}} and not result["partial"]
 
 
+@pytest.mark.integration  # the eval runner through lmms-eval
 def test_non_finite_signal_fails_its_sample_and_not_its_batch(
     tmp_path, tiny_llava_path, bad_images_task, monkeypatch
 ):

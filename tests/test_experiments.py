@@ -70,7 +70,7 @@ def test_experiment_header_says_what_it_reproduces_and_costs(name):
     assert meta["table"]["columns"] and (meta["table"].get("rows") or meta["table"].get("group_by"))
 
 
-def by_grid_size(names: list[str], slow_above: int = 60) -> list:
+def by_grid_size(names: list[str], slow_above: int = 20) -> list:
     """The experiments, those whose grid has over `slow_above` points (~0.3 s each to compose) marked slow."""
     return [
         pytest.param(name, marks=pytest.mark.slow)
