@@ -368,3 +368,41 @@ def test_clear_errors():
         DART(budget=None)
     with pytest.raises(ValueError, match="pivot_order"):
         DART(pivot_order="set")
+
+
+# ----------------------------------------------------------------------------- efficiency per stage
+def test_meter_reports_flops_before_and_after_each_cut(built):  # noqa: F811
+    """eff/flops_{prefill,layer}_stages_mean from a real PDrop generate: per stage by hand."""
+    from tokenprune.eval import flops, meter
+
+    name = "tiny_llava_ov"
+    adapter = load(built[name], name, PDrop(layers=[1, 2, 3]))
+    images, extra = media(name)
+    timing: dict = {}
+    _, counts = adapter.generate(QUESTIONS, images, **extra, max_new_tokens=2, timing=timing)
+    records = [
+        {
+            "task": "t",
+            "doc_id": b,
+            "visual_tokens": counts[b],
+            "images": 1,
+            "videos": len(extra["videos"][b]),
+            "text_tokens": timing["text_tokens"][b],
+            "new_tokens": timing["new_tokens"][b],
+            "layer_tokens": timing["layer_tokens"][b],
+        }
+        for b in range(2)
+    ]
+    eff = meter.summarize(records, adapter)
+    llm = flops.llm_shape(adapter.model.config.text_config)
+    layer = lambda s: s * llm.linear_flops_per_token + 4 * s**2 * llm.width  # noqa: E731
+    rows = [
+        [counts[b] + r["text_tokens"]] + [k + r["text_tokens"] for k in r["layer_tokens"]]
+        for b, r in enumerate(records)
+    ]
+    want = [(layer(rows[0][i]) + layer(rows[1][i])) / 2 for i in range(4)]
+    assert eff["eff/flops_layer_stages_mean"] == want  # one layer each: stages of 1 layer
+    assert eff["eff/flops_prefill_stages_mean"] == want
+    assert want == sorted(want, reverse=True) and want[3] < want[0] / 4  # 1/8 of the visual tokens left
+    head = 2 * llm.width * llm.vocab
+    assert eff["eff/flops_prefill_mean"] == sum(want) + head
