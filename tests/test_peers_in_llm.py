@@ -252,6 +252,41 @@ def test_pdrop_training_rows_are_the_last_instruction_token(built):  # noqa: F81
     torch.testing.assert_close(loss, total / count, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_token_signals_equal_the_eager_model(built, name):  # noqa: F811
+    """DART's signals under SDPA == the eager model's own cached keys and hidden states (batch of 2)."""
+    k = 2
+    recorder = Recorder([k])
+    adapter = load(built[name], name, recorder)
+    eager = load(built[name], name, attn="eager")
+    images, extra = media(name)
+    with torch.no_grad():
+        inputs = adapter.prepare(QUESTIONS, images, **extra)
+        adapter.logits(inputs)
+        out = eager.model(**inputs.as_kwargs(), use_cache=True, output_hidden_states=True)
+    tokens = recorder.seen[0]
+    language_model = eager.model.model.language_model
+    keys = out.past_key_values.layers[k - 1].keys  # [B, Hkv, L, d] post-RoPE
+    groups = language_model.layers[0].self_attn.num_key_value_groups
+    keys = keys.repeat_interleave(groups, 1).permute(0, 2, 1, 3).flatten(2)  # [B, L, H d]
+    normed = language_model.norm(out.hidden_states[k])  # [B, L, D] layer K-1's output, final norm
+    for b in range(2):
+        visual = visual_columns(adapter, inputs, b)
+        real = inputs.attention_mask[b].bool()
+        text = real.clone()
+        text[: int(visual[0]) + 1] = False
+        text[visual] = False
+        text = text.nonzero().squeeze(1)
+        n, t = visual.numel(), text.numel()
+        assert int(tokens.signals[LLM_LAYER_TEXT_LENGTHS][b]) == t
+        for signal, want in ((LLM_LAYER_KEYS, keys[b, visual]), (LLM_LAYER_NORMED, normed[b, visual])):
+            torch.testing.assert_close(tokens.signals[signal][b, :n], want, rtol=1e-5, atol=1e-5)
+            assert bool((tokens.signals[signal][b, n:] == 0).all())
+        for signal, want in ((LLM_LAYER_TEXT_KEYS, keys[b, text]), (LLM_LAYER_TEXT_NORMED, normed[b, text])):
+            torch.testing.assert_close(tokens.signals[signal][b, :t], want, rtol=1e-5, atol=1e-5)
+            assert bool((tokens.signals[signal][b, t:] == 0).all())
+
+
 # ----------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("kind", ["fastv", "pdrop", "dart"])
 @pytest.mark.parametrize("name", FAMILIES)
