@@ -441,3 +441,24 @@ def test_meter_reports_flops_before_and_after_each_cut(built):  # noqa: F811
     assert want == sorted(want, reverse=True) and want[3] < want[0] / 4  # 1/8 of the visual tokens left
     head = 2 * llm.width * llm.vocab
     assert eff["eff/flops_prefill_mean"] == sum(want) + head
+
+
+def test_cut_layers_beyond_the_model_are_refused_before_it_loads(tmp_path, tiny_llava_path):
+    """PDrop's 32-layer cuts on the 2-layer tiny LLM: a one-line UserError naming the fix, nothing written."""
+    from tokenprune.config import UserError, compose
+    from tokenprune.eval.preflight import check_cut_layers
+    from tokenprune.train.pipeline import run
+
+    def cfg(*overrides):
+        common = ["model=tiny_llava", f"model.path={tiny_llava_path}", "benchmark=smoke"]
+        return compose([*common, f"paths.outputs={tmp_path / 'outputs'}", *overrides])
+
+    with pytest.raises(
+        UserError, match=r"reducer\.layers=\[8, 16, 24\]: .* 2 decoder layers.* 1\.\.1; .*at most 1 cut"
+    ):
+        run(cfg("reducer=pdrop"))
+    assert not (tmp_path / "outputs").exists()
+    with pytest.raises(UserError, match=r"reducer\.layer=\[2\]: .*reducer\.layer=\[1\]"):
+        check_cut_layers(cfg("reducer=fastv"))
+    check_cut_layers(cfg("reducer=fastv", "reducer.layer=1"))  # fits: no error
+    check_cut_layers(cfg("reducer=uniform"))  # not inside the LLM
