@@ -3,7 +3,7 @@ brute-force port of its reference's rule: every sample alone (batch 1, no paddin
 run one by one under eager attention with an explicit additive mask (pruned tokens hidden as keys),
 the score read from the eager attention weights / the KV cache of that run and selected as the
 reference does (docs/peers.md). The runner under test runs the batch of two (mixed visual counts,
-left padding) under SDPA. Kept columns in order and the final logits must match; cached decoding ==
+left padding) under SDPA and under eager. Kept columns in order and the final logits must match; cached decoding ==
 no-cache recompute; every in-LLM config keeps the documented counts at 576 tokens."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from test_layered import (
 )
 from transformers import DynamicCache
 
+from tokenprune.models.layered import LayerRunner
 from tokenprune.reducers.dart import DART
 from tokenprune.reducers.fastv import FastV
 from tokenprune.reducers.pdrop import PDrop
@@ -203,6 +204,11 @@ def test_matches_the_brute_force_reference(built, kind, name):  # noqa: F811
         inputs = adapter.prepare(QUESTIONS, images, **extra)
         out = adapter.layers.forward(spy, inputs)
     kept = kept_masks(adapter, inputs, spy)
+    with torch.no_grad():  # the runner under eager attention: the same cuts and logits
+        eager_spy = Spy(spy.reducer)
+        eager_out = LayerRunner(eager.model, eager.llm_input).forward(eager_spy, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(kept_masks(eager, inputs, eager_spy), kept))
+    torch.testing.assert_close(eager_out.logits, out.logits, rtol=0, atol=2e-5)
     counts = [visual_columns(adapter, inputs, b).numel() for b in range(2)]
     assert counts[0] != counts[1]  # mixed visual counts in one batch
     if kind in ("fastv", "pdrop", "dart"):  # counts relative to N0: mixed kept counts too
