@@ -20,6 +20,15 @@ shared machine other processes only add time); lengths are timed round-robin; wa
     python scripts/bench_prefill.py --shape 7b --device cuda --text 40
     python scripts/bench_prefill.py --smoke             # seconds: checks the script (the test suite runs it)
 
+Reducers inside the LLM (FastV, PDrop, DART, keep_by_signal: ``space="llm_layer"``) get their per-cut
+counts from the reducer itself on N0 = 576 tokens with synthetic layer signals; their cut layers,
+written for 32-layer LLMs, are scaled to the shape's depth (max(1, round(K * layers / 32)), kept
+increasing). Their LLM prefill runs the decoder layers stage by stage (the hidden states shortened to
+each stage's S_i = text + visual tokens kept), timed against the same staged loop with every token
+(one stage), and their analytic limit is the ratio of the staged prefill FLOPs
+(`tokenprune.eval.flops.prefill_flops`: layers before a cut see every token). The cut's own signal
+recompute (one layer's q/k, eff/flops_signals) is not timed.
+
 Reducers that read signals of the LLM input (explain_mapper, explain_oracle) are listed as skipped.
 """
 
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -47,16 +57,61 @@ SHAPES = {
     "smoke": {  # --smoke: the script's every step in seconds (the test suite runs it); no timing value
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": 4,
         "num_attention_heads": 4,
     },
 }
 PATCHES = 576
 
 
-def kept_tokens(seed: int = 0) -> tuple[dict[str, int], dict[str, str]]:
-    """Visual tokens each reducer config keeps for one synthetic 24x24 CLIP-like image, and the
-    reducers skipped with the reason (those reading signals of the LLM input, or a trained file)."""
+def layer_signals(n: int, text: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Synthetic `LLM_LAYER_*` signals for one sample of n visual and `text` text tokens (random)."""
+    from tokenprune import types
+
+    attention = torch.rand(1, n, generator=generator).softmax(-1)
+    return {
+        types.LLM_LAYER_LAST_ATTN: attention,
+        types.LLM_LAYER_LAST_ATTN_HEADS: attention[:, None].expand(1, 4, n),
+        types.LLM_LAYER_TEXT_ATTN: attention,
+        types.LLM_LAYER_NEXT_LAST_ATTN: attention,
+        types.LLM_LAYER_KEYS: torch.randn(1, n, 64, generator=generator),
+        types.LLM_LAYER_NORMED: torch.randn(1, n, 64, generator=generator),
+        types.LLM_LAYER_TEXT_KEYS: torch.randn(1, text, 64, generator=generator),
+        types.LLM_LAYER_TEXT_NORMED: torch.randn(1, text, 64, generator=generator),
+        types.LLM_LAYER_TEXT_LENGTHS: torch.tensor([text]),
+    }
+
+
+def layer_counts(reducer, generator: torch.Generator, text: int = 40) -> list[int]:
+    """A reducer inside the LLM: the visual tokens left after each of its cuts, from N0 = 576."""
+    from tokenprune.types import LayerTokens
+
+    current, counts = PATCHES, []
+    original = torch.tensor([PATCHES])
+    for stage, layer in enumerate(reducer.layers):
+        features = torch.randn(1, current, 64, generator=generator)
+        signals = layer_signals(current, text, generator)
+        tokens = LayerTokens(features, torch.tensor([current]), original, signals, layer=layer, stage=stage)
+        current = int(reducer(tokens).lengths[0])
+        counts.append(current)
+    return counts
+
+
+def scaled_cuts(cuts: tuple[int, ...], layers: int) -> list[int]:
+    """Cut layers written for a 32-layer LLM, scaled to `layers` (at least 1 apart, below `layers`)."""
+    out: list[int] = []
+    for k in cuts:
+        scaled = max(1, round(k * layers / 32), out[-1] + 1 if out else 1)
+        out.append(min(scaled, layers - 1))
+    if len(set(out)) != len(out):
+        raise ValueError(f"cuts {list(cuts)} do not fit a {layers}-layer LLM")
+    return out
+
+
+def kept_tokens(seed: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
+    """Visual tokens each reducer config keeps for one synthetic 24x24 CLIP-like image (inside the
+    LLM: (cut layers, counts after each cut)), and the reducers skipped with the reason (those
+    reading signals of the LLM input, or a trained file)."""
     from hydra.utils import instantiate
 
     from tokenprune.config import compose, group_options
@@ -79,6 +134,9 @@ def kept_tokens(seed: int = 0) -> tuple[dict[str, int], dict[str, str]]:
         except Exception as error:  # e.g. a reducer whose trained weights are not built here
             skipped[name] = " ".join(str(error).split())[:160]
             continue
+        if reducer.space == "llm_layer":
+            counts[name] = (tuple(reducer.layers), layer_counts(reducer, generator))
+            continue
         missing = sorted(set(reducer.requires) - set(signals))
         if missing:
             skipped[name] = f"reads {', '.join(missing)} (not computed by this benchmark)"
@@ -96,6 +154,49 @@ def build_llm(shape: str, device: str, dtype: torch.dtype):
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval()
+
+
+def staged_forward(model, embeds: torch.Tensor, stages: list[tuple[int, int]]) -> None:
+    """The decoder layers stage by stage: (layers, tokens) pairs, the hidden states cut to the last
+    `tokens` rows before each stage (positions 0 .. tokens - 1, causal SDPA), then the head on the last."""
+    language_model = model.model
+    hidden, index = embeds, 0
+    for layers, tokens in stages:
+        hidden = hidden[:, -tokens:]
+        positions = torch.arange(tokens, device=hidden.device)[None]
+        embeddings = language_model.rotary_emb(hidden, positions)
+        for _ in range(layers):
+            hidden = language_model.layers[index](hidden, attention_mask=None, position_embeddings=embeddings)
+            index += 1
+    model.lm_head(language_model.norm(hidden[:, -1:]))
+
+
+@torch.inference_mode()
+def staged_times(
+    model, runs: dict[str, list[tuple[int, int]]], repeats: int, device: str
+) -> dict[str, float]:
+    """Per named staged run, its prefill time in ms (round-robin; median on GPU, minimum on CPU)."""
+    width = max(tokens for stages in runs.values() for _, tokens in stages)
+    embeds = torch.randn(1, width, model.config.hidden_size, device=device, dtype=model.dtype)
+    cuda = device.startswith("cuda")
+
+    def forward(stages: list[tuple[int, int]]) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        staged_forward(model, embeds, stages)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - begin) * 1000
+
+    for stages in runs.values():
+        forward(stages)  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, stages in runs.items():
+            samples[name].append(forward(stages))
+    summary = statistics.median if cuda else min
+    return {name: summary(values) for name, values in samples.items()}
 
 
 @torch.inference_mode()
@@ -161,6 +262,8 @@ def main() -> None:
     print(
         f"shape {args.shape} {SHAPES[args.shape]}, {dtype}, {device_name}, T = {args.text}, {'median' if args.device.startswith('cuda') else 'min'} of {args.repeats}"
     )
+    inside = {name: value for name, value in counts.items() if isinstance(value, tuple)}
+    counts = {name: value for name, value in counts.items() if not isinstance(value, tuple)}
     lengths = prefill_times(
         model, sorted({k + args.text for k in counts.values()}), args.repeats, args.device
     )
@@ -176,8 +279,44 @@ def main() -> None:
         print(
             f"| {name} | {k} | {times[k]:.1f} | {measured:.2f}x | {analytic:.2f}x | {measured / analytic:.2f} |"
         )
+    if inside:
+        print_inside(model, inside, args)
     for name, reason in sorted(skipped.items()):
         print(f"skipped {name}: {reason}")
+
+
+def print_inside(model, inside: dict[str, tuple[tuple[int, ...], list[int]]], args) -> None:
+    """The reducers inside the LLM: staged prefill vs the same loop over every token, and the FLOPs ratio."""
+    from tokenprune.eval import flops
+
+    llm = flops.llm_shape(model.config)
+    full = PATCHES + args.text
+    runs: dict[str, list[tuple[int, int]]] = {"(every token)": [(llm.layers, full)]}
+    cuts = {}
+    for name, (layers, kept) in sorted(inside.items()):
+        try:
+            cuts[name] = scaled_cuts(layers, llm.layers)
+        except ValueError as error:
+            print(f"skipped {name}: {error}")
+            del inside[name]
+            continue
+        runs[name] = flops.llm_stages(llm, cuts[name], [full, *(k + args.text for k in kept)])
+    times = staged_times(model, runs, args.repeats, args.device)
+    base = times["(every token)"]
+    print()
+    print(
+        f"Inside the LLM ({llm.layers} layers; cuts scaled from 32 layers; staged loop, every token: {base:.1f} ms)"
+    )
+    print(
+        "| reducer | cuts (this depth) | visual tokens after each cut | prefill ms | measured speed-up | analytic (FLOPs) | measured / analytic |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, (_, kept) in sorted(inside.items()):
+        measured = base / times[name]
+        analytic = flops.prefill_flops(llm, full) / flops.prefill_flops(llm, runs[name])
+        print(
+            f"| {name} | {cuts[name]} | {' / '.join(map(str, kept))} | {times[name]:.1f} | {measured:.2f}x | {analytic:.2f}x | {measured / analytic:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -53,11 +53,32 @@ LLM_LAYER_TEXT_ATTN = "llm_layer_text_attn"  # [B, N] layer K-1, text rows avera
 LLM_LAYER_NEXT_LAST_ATTN = (
     "llm_layer_next_last_attn"  # [B, N] layer K on K-1's output, last-token row, heads averaged
 )
+# Token signals of layer K-1 (DART's, `reducers/dart.py`; no attention is read). "Keys": the layer's keys
+# recomputed in float32 as above (input norm, k_proj, rotary embedding at the positions it used: post-
+# RoPE), each of the H_kv key heads repeated H / H_kv times as `repeat_kv` does, the H heads concatenated:
+# [.., H * d]. "Normed": the layer's output (the hidden states the cut receives, `LayerTokens.features`)
+# through the LLM's final norm (the norm before the LM head), float32. Visual tokens: [B, N, .] in
+# sequence order, zero past `lengths`; text tokens: the `text` rows above (real, non-visual, after the
+# first visual token, before the first labelled token) in sequence order, [B, T, .] zero past
+# `llm_layer_text_lengths`.
+LLM_LAYER_KEYS = "llm_layer_keys"  # [B, N, H * d] visual tokens' keys
+LLM_LAYER_NORMED = "llm_layer_normed"  # [B, N, D] visual tokens' output through the final norm
+LLM_LAYER_TEXT_KEYS = "llm_layer_text_keys"  # [B, T, H * d] text tokens' keys
+LLM_LAYER_TEXT_NORMED = "llm_layer_text_normed"  # [B, T, D] text tokens' output through the final norm
+LLM_LAYER_TEXT_LENGTHS = "llm_layer_text_lengths"  # [B] long, each sample's text token count T_b
+LLM_LAYER_TOKEN_SIGNALS = (
+    LLM_LAYER_KEYS,
+    LLM_LAYER_NORMED,
+    LLM_LAYER_TEXT_KEYS,
+    LLM_LAYER_TEXT_NORMED,
+    LLM_LAYER_TEXT_LENGTHS,
+)
 LLM_LAYER_SIGNALS = (
     LLM_LAYER_LAST_ATTN,
     LLM_LAYER_LAST_ATTN_HEADS,
     LLM_LAYER_TEXT_ATTN,
     LLM_LAYER_NEXT_LAST_ATTN,
+    *LLM_LAYER_TOKEN_SIGNALS,
 )
 
 

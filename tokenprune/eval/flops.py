@@ -44,7 +44,10 @@ m = LLM MLP width, d_kv = key/value width (heads_kv * head_dim), V = vocabulary,
   tokens kept after cut i (S_0 = the whole prompt); the prefill sums the per-layer term above with
   each stage's S_i, and a decode step each stage's own cache length (S_i + t). The signals at a
   cut recompute one layer's q and k over its S_i rows and one row of scores,
-  ``2 S_i (d^2 + d d_kv) + 2 S_i d`` per cut; the selection itself is index-only (0).
+  ``2 S_i (d^2 + d d_kv) + 2 S_i d`` per cut (DART reads keys and norms instead: the same order);
+  the selection itself is counted as 0 (index-only; DART's cosines, 2 N D per pivot, are left out).
+  Per stage: the layers' prefill FLOPs (``prefill_stages``) and one layer's (``layer_stages``), i.e.
+  the cost before and after each cut.
 
 Paper check (tests/test_flops.py): PruMerge's Table 2 (an LLM-Viewer roofline of the LLM prefill,
 prompt length not stated) lists 9.3 TFLOPs for LLaVA-1.5-7B and 0.91 with PruMerge. Solving this
@@ -155,8 +158,12 @@ def prefill_flops(llm: LlmShape, seq_len: int | Sequence[tuple[int, int]]) -> in
     """LLM prefill over ``seq_len`` tokens, with the LM head on the last position; or, staged, over
     (layers, tokens) pairs whose layers sum to the LLM's (a reducer inside the LLM)."""
     stages = [(llm.layers, seq_len)] if isinstance(seq_len, int) else list(seq_len)
-    per_layer = sum(layers * (s * llm.linear_flops_per_token + 4 * s**2 * llm.width) for layers, s in stages)
-    return per_layer + 2 * llm.width * llm.vocab
+    return sum(stage_flops(llm, stages)) + 2 * llm.width * llm.vocab
+
+
+def stage_flops(llm: LlmShape, stages: Sequence[tuple[int, int]]) -> list[int]:
+    """Per (layers, tokens) stage, the prefill FLOPs of its decoder layers (no LM head)."""
+    return [layers * (s * llm.linear_flops_per_token + 4 * s**2 * llm.width) for layers, s in stages]
 
 
 def decode_step_flops(llm: LlmShape, context: int | Sequence[tuple[int, int]]) -> int:
@@ -196,7 +203,9 @@ def sample_flops(
 
     Returns keys vit, signals, reducer (None if unknown), projector, prefill, decode (all steps),
     decode_steps, prefill_full (the prefill with every patch kept) and total (None if a stage is
-    unknown, e.g. the vision tower of a family without a formula).
+    unknown, e.g. the vision tower of a family without a formula); inside the LLM also
+    prefill_stages (per stage, before the first cut and after each, its layers' prefill FLOPs) and
+    layer_stages (per stage, one of its decoder layers' prefill FLOPs).
     """
     v, llm = shape.vision, shape.llm
     in_llm = space == "llm_layer"
@@ -208,6 +217,9 @@ def sample_flops(
         "decode": sum(decode_step_flops(llm, _grown(stages, i)) for i in range(1, steps + 1)),
         "decode_steps": steps,
     }
+    if in_llm:
+        out["prefill_stages"] = stage_flops(llm, stages)
+        out["layer_stages"] = stage_flops(llm, [(1, tokens) for _, tokens in stages])
     if v is None:
         out.update(vit=None, signals=None, reducer=None, projector=None)
         out["prefill_full"] = prefill_flops(llm, seq) if in_llm else None

@@ -5,7 +5,9 @@ Token counts are per sample (all images or video frames of a request together):
 * ``eff/visual_tokens_{mean,min,max}``, ``eff/visual_tokens_hist`` ({"edges", "counts"}),
   ``eff/visual_tokens_per_image_mean``, ``eff/text_tokens_mean``, ``eff/new_tokens_mean``;
   with a reducer inside the LLM, ``eff/layer_tokens_mean``: per cut, the mean visual tokens left
-  after it (``eff/visual_tokens_*`` count the LLM input).
+  after it (``eff/visual_tokens_*`` count the LLM input), and per stage (before the first cut, then
+  after each) ``eff/flops_prefill_stages_mean`` (its layers' prefill FLOPs) and
+  ``eff/flops_layer_stages_mean`` (one of its layers': the cost of a layer before and after a cut).
 
 Analytic FLOPs (`tokenprune.eval.flops`, formulas in its docstring), per-sample means from the
 actual counts: ``eff/flops_{vit,signals,reducer,projector,prefill,decode,total}_mean``,
@@ -144,6 +146,9 @@ def _flops(answered: Sequence[dict[str, Any]], adapter: Adapter | None) -> dict[
     for stage in stages:
         values = [f[stage] for f in per_sample]
         out[f"eff/flops_{stage}_mean"] = None if any(v is None for v in values) else _mean(values)
+    if in_llm:  # per stage of the cut LLM (before the first cut, after each): lists of means
+        for key in ("prefill_stages", "layer_stages"):
+            out[f"eff/flops_{key}_mean"] = [_mean(list(v)) for v in zip(*(f[key] for f in per_sample))]
     steps = sum(f["decode_steps"] for f in per_sample)
     out["eff/flops_decode_per_token_mean"] = sum(f["decode"] for f in per_sample) / steps if steps else None
     full = [f["prefill_full"] for f in per_sample]

@@ -9,7 +9,8 @@ What is checked:
 
 * **types**: every key of every `_target_` node (model, reducer, benchmark, train and their nested
   nodes) is a parameter of its target and has the annotated type (`reducer.keep=abc` is refused);
-* **values**: `benchmark.limit` >= 1, `batch_size` >= 1, `reducer.keep` / `ratio` in range, and
+* **values**: `benchmark.limit` >= 1, `batch_size` >= 1, `reducer.keep` / `ratio` in range, the cut
+  layers of a reducer inside the LLM within the model's depth (`check_cut_layers`), and
   `keep` (or PruMerge+'s fixed `budget`) below the model's visual tokens per image where the
   checkpoint's config says it (a fixed-grid LLaVA);
 * **recipe**: `python -m tokenprune.train` without `train=` trains with the miniature's recipe
@@ -59,6 +60,7 @@ def check(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Any:
     check_recipe(cfg, picked, _overrides() if overrides is None else overrides)
     check_model(cfg)
     check_keep(cfg)
+    check_cut_layers(cfg)
     return check_data(cfg)
 
 
@@ -257,6 +259,37 @@ def check_keep(cfg: DictConfig) -> None:
                 f"{key}={value} >= the {n} visual tokens per image of this model: nothing would be "
                 f"reduced; give {key} < {n}, or reducer=none for the unreduced model"
             )
+
+
+def check_cut_layers(cfg: DictConfig) -> None:
+    """A reducer inside the LLM (`layer` or `layers`) cuts after decoder layers the model has: each
+    K in 1 .. n_layers - 1 (read from the checkpoint's config.json when it is on disk)."""
+    reducer = cfg.get("reducer") or {}
+    asked = reducer.get("layers", reducer.get("layer"))
+    if asked is None or "model" not in cfg or not (cfg.model.get("path")):
+        return
+    config_file = _model_config_file(str(cfg.model.path))
+    if config_file is None:
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    depth = (config.get("text_config") or config).get("num_hidden_layers")
+    layers = list(asked) if isinstance(asked, list | tuple | ListConfig) else [asked]
+    if depth is None or not all(isinstance(k, int) and not isinstance(k, bool) for k in layers):
+        return
+    if any(not 1 <= k < depth for k in layers):
+        key = "reducer.layers" if "layers" in reducer else "reducer.layer"
+        scaled: list[int] = []
+        for k in layers:  # the cuts at the same fractions of the depth, kept increasing
+            scaled.append(min(max(1, round(k * depth / 32), scaled[-1] + 1 if scaled else 1), depth - 1))
+        hint = (
+            f"e.g. {key}={scaled} for cuts written for 32 layers"
+            if len(set(scaled)) == len(scaled)
+            else f"it fits at most {depth - 1} cut(s)"
+        )
+        raise UserError(
+            f"{key}={layers}: this model's LLM has {depth} decoder layers, so a cut goes after layer K in "
+            f"1..{depth - 1}; scale the cuts to its depth ({hint})"
+        )
 
 
 # ---------------------------------------------------------------------------------------- recipe

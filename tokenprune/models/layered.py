@@ -15,7 +15,9 @@ ones.
   that segment's last position + 1 (as `generate` does for the unreduced model).
 * **Masks.** Rows stay in sequence order, left-padded per segment; a segment's mask is causal over
   its columns with the padding keys hidden (a padding query sees only itself, so no row is empty).
-  Boolean for SDPA, additive for eager; FlashAttention (2-D padding masks only) is refused.
+  Boolean for SDPA, additive for eager; FlashAttention (2-D padding masks only) is refused, also
+  for the attention-free DART: the signals are recomputed from q/k whatever the backend, but the
+  segments pass 4-D masks, and a 2-D-mask path could not be tested here (no flash-attn build).
 * **KV cache.** One `DynamicCache`: layers before a cut hold every token, later ones the kept ones;
   a decode step appends one column to every segment's mask.
 * **Batches.** Per-sample kept counts may differ; each segment is left-padded to its longest row.
@@ -35,11 +37,17 @@ import torch
 from tokenprune.models._views import LlmInput, SplicedInputs
 from tokenprune.models.signals import decoder_query_key, mean_row_attention
 from tokenprune.types import (
+    LLM_LAYER_KEYS,
     LLM_LAYER_LAST_ATTN,
     LLM_LAYER_LAST_ATTN_HEADS,
     LLM_LAYER_NEXT_LAST_ATTN,
+    LLM_LAYER_NORMED,
     LLM_LAYER_SIGNALS,
     LLM_LAYER_TEXT_ATTN,
+    LLM_LAYER_TEXT_KEYS,
+    LLM_LAYER_TEXT_LENGTHS,
+    LLM_LAYER_TEXT_NORMED,
+    LLM_LAYER_TOKEN_SIGNALS,
     LayerTokens,
     Reduced,
 )
@@ -332,7 +340,40 @@ class LayerRunner:
             )
             probs = mean_row_attention(query, key, scale, rows.mask, rows.last)
             out[LLM_LAYER_NEXT_LAST_ATTN] = visual_columns(probs).mean(1)  # [B, N]
+        if set(LLM_LAYER_TOKEN_SIGNALS) & set(requires):
+            out.update(self.token_signals(rows, before, layer, columns, valid))
         return {name: out[name] for name in requires}
+
+    # ------------------------------------------------------------------ token signals (DART)
+    def token_signals(
+        self, rows: Rows, before: torch.Tensor, layer: int, columns: torch.Tensor, valid: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Layer `layer` - 1's keys and final-normed outputs of the visual and text tokens (types.py)."""
+        language_model = self.language_model
+        attention_layer = language_model.layers[layer - 1]
+        _, key, _ = decoder_query_key(attention_layer, language_model.rotary_emb, before, rows.rope)
+        groups = attention_layer.self_attn.num_key_value_groups
+        key = key.repeat_interleave(groups, dim=1)  # [B, Hkv, L, d] -> [B, H, L, d] as repeat_kv
+        key = key.transpose(1, 2).flatten(2)  # [B, L, H * d]
+        normed = language_model.norm(rows.hidden).float()  # [B, L, D]
+        text = rows.text & rows.mask  # [B, L]
+        text_lengths = text.sum(-1)  # [B]
+        width = int(text_lengths.max()) if text_lengths.numel() else 0
+        text_valid = torch.arange(width, device=text.device)[None] < text_lengths[:, None]  # [B, T]
+        text_columns = torch.zeros(text.shape[0], width, dtype=torch.long, device=text.device)
+        text_columns[text_valid] = text.nonzero()[:, 1]
+
+        def take(values: torch.Tensor, where: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+            picked = values.gather(1, where[..., None].expand(-1, -1, values.shape[-1]))
+            return picked * present[..., None]
+
+        return {
+            LLM_LAYER_KEYS: take(key, columns, valid),
+            LLM_LAYER_NORMED: take(normed, columns, valid),
+            LLM_LAYER_TEXT_KEYS: take(key, text_columns, text_valid),
+            LLM_LAYER_TEXT_NORMED: take(normed, text_columns, text_valid),
+            LLM_LAYER_TEXT_LENGTHS: text_lengths,
+        }
 
     # ------------------------------------------------------------------ loss and generation
     def loss(self, reducer: Any, inputs: SplicedInputs) -> torch.Tensor:

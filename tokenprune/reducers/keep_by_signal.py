@@ -4,8 +4,8 @@ With `signal=llm_layer_last_attn` and one layer this is the core of FastV (the a
 prompt token pays each visual token in layer K-1, heads averaged); with several `layers` and
 `keep` fractions of the original count it is a PyramidDrop-style schedule (with
 `signal=llm_layer_next_last_attn`, PDrop's next-layer score). It is the simple reference reducer
-of the reduction point inside the LLM (`tokenprune.models.layered`); the published methods'
-exact details (prefix handling, rater rows, recycling) belong to their own reducers.
+of the reduction point inside the LLM (`tokenprune.models.layered`); the published methods with
+their references' count and position rules subclass it (`reducers/fastv.py`, `reducers/pdrop.py`).
 """
 
 from __future__ import annotations
