@@ -1,0 +1,221 @@
+"""SparseVLM inside the LLM (`reducers/sparsevlm.py`) on all three tiny families, against an independent
+brute-force port of the reference's semantics: each sample alone, layer by layer under eager attention
+with explicit masks; raters, ratings, selection and DPC-kNN recycling written out here in plain loops.
+Also: the reference's v1.5 counts on the LLaVA-1.5 shape, batch == each sample alone, the rater
+signal under SDPA == eager, cached generation == no-cache recompute, v1's rank rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_layered import QUESTIONS, Recorder, built, extended, load, media, visual_columns  # noqa: F401
+
+from tokenprune.reducers.sparsevlm import SparseVLM
+from tokenprune.types import LLM_LAYER_RATER_ATTN, LLM_LAYER_RATER_ATTN_ROWS, LayerTokens, Reduced
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CUTS = (1, 2, 3)  # the tiny LLMs have 4 decoder layers (test_layered.deepen)
+KEEP = {"tiny_llava": (300, 200, 110), "tiny_qwen2vl": (40, 25, 12), "tiny_llava_ov": (150, 80, 40)}
+
+
+class Spy(SparseVLM):
+    """SparseVLM that remembers what it received and returned at each cut."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen: list[LayerTokens] = []
+        self.outputs: list[Reduced] = []
+
+    def __call__(self, tokens: LayerTokens) -> Reduced:
+        out = super().__call__(tokens)
+        self.seen.append(tokens)
+        self.outputs.append(out)
+        return out
+
+
+# ----------------------------------------------------------------------------- counts (no model)
+@pytest.mark.parametrize(
+    ("budget", "counts", "average"),
+    [(192, [309, 204, 113], 192.03125), (128, [312, 117, 39], 128.625), (64, [82, 32, 18], 64.8125)],
+)
+def test_v15_counts_on_the_llava15_shape(budget, counts, average):
+    """The notes' per-cut counts (kept + recycled) for 576 tokens and the reference's 32-layer average."""
+    reducer = SparseVLM(budget=budget)
+    assert reducer.layers == (3, 7, 16)
+    generator = torch.Generator().manual_seed(0)
+    n, seen = 576, []
+    for stage, layer in enumerate(reducer.layers):
+        features = torch.randn(1, n, 16, generator=generator)
+        rating = torch.rand(1, n, generator=generator)
+        tokens = LayerTokens(
+            features, torch.tensor([n]), torch.tensor([576]), {LLM_LAYER_RATER_ATTN: rating}, layer, stage
+        )
+        out = reducer(tokens)
+        n = int(out.lengths[0])
+        seen.append(n)
+        synthetic = int((out.index[0] == -1).sum())
+        assert synthetic == reducer.recycled_count(len(features[0]) - (n - synthetic))[1] > 0
+    assert seen == counts
+    # the reference's "equal token num": layers 0-1 hold 576, layer 2 onwards the cut counts
+    spans = [2, 4, 9, 17]
+    assert sum(s * c for s, c in zip(spans, [576, *counts])) / 32 == average
+
+
+def test_v1_rank_rule_and_errors():
+    """v1: k = min(int(rank * scale + bias), n - 1) from the rater rows (zero rows ignored); full rank: no cut."""
+    reducer = SparseVLM(budget=128, version="v1")
+    assert reducer.layers == (3, 7, 16, 20) and (reducer.scale, reducer.bias) == (9.0, 6.0)
+    assert reducer.requires == (LLM_LAYER_RATER_ATTN, LLM_LAYER_RATER_ATTN_ROWS)
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.zeros(6, 40)
+    rows[:3] = torch.rand(3, 40, generator=generator)  # rank 3, three zero padding rows
+    assert reducer.count(40, 0, rows) == 3 * 9 + 6
+    assert reducer.count(30, 0, rows[:, :30]) == 29  # capped at n - 1
+    square = torch.rand(4, 4, generator=generator)
+    assert reducer.count(4, 0, square) == 4  # rank n: no cut
+    with pytest.raises(ValueError, match="budget must be one of"):
+        SparseVLM(budget=100)
+    with pytest.raises(ValueError, match=r"v2\.0 is not implemented"):
+        SparseVLM(version="v2.0")
+    assert SparseVLM(budget=100, keep=[50, 20, 10]).keep == (50, 20, 10)
+
+
+# ----------------------------------------------------------------------------- brute force
+def ranked(values: list[float]) -> list[int]:
+    """Indices by decreasing value, ties to the earlier one."""
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))
+
+
+def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, list[int]]:
+    """The reference's DPC-kNN clustering and mean merge, token by token (ties: earlier candidate)."""
+    m, dim = x.shape
+    d = [[float((x[i] - x[j]).pow(2).sum().sqrt()) / math.sqrt(dim) for j in range(m)] for i in range(m)]
+    density = [math.exp(-sum(v * v for v in sorted(d[i])[:clusters]) / clusters) for i in range(m)]
+    largest = max(max(row) for row in d)
+    order = ranked(density)
+    place = {token: p for p, token in enumerate(order)}
+    delta = [min([d[i][j] for j in range(m) if place[j] < place[i]], default=largest) for i in range(m)]
+    centres = ranked([delta[i] * density[i] for i in range(m)])[:clusters]
+    groups: list[list[int]] = [[] for _ in centres]
+    for t in range(m):
+        if t in centres:
+            groups[centres.index(t)].append(t)
+        else:
+            distances = [d[c][t] for c in centres]
+            groups[distances.index(min(distances))].append(t)
+    merged = torch.stack([x[g].sum(0) / (len(g) + 1e-6) for g in groups])
+    return merged, centres
+
+
+def brute_force(adapter, inputs, keep, positions):
+    """One sample (batch 1) through SparseVLM v1.5 as the reference runs it: returns per cut (rating,
+    kept positions among the visual tokens, recycled features), the final rows' sources (-2:
+    recycled), their rotary positions and logits."""
+    language_model = adapter.model.model.language_model
+    hidden = adapter.llm_input.embeddings(inputs)[0]  # [L, D]
+    ids = inputs.input_ids[0]
+    source = list(range(ids.numel()))
+    visual = [c in set(visual_columns(adapter, inputs, 0).tolist()) for c in source]
+    first = visual.index(True)
+    text = [c > first and not visual[c] for c in source]
+    rope = inputs.position_ids[1:, 0] if inputs.position_ids.dim() == 3 else inputs.position_ids[0]
+    # raters: softmax over the text of V·Tᵀ on the input embeddings, mean over V, above the mean
+    v = hidden[[i for i in source if visual[i]]]
+    t_rows = [i for i in source if text[i]]
+    score = torch.softmax(v @ hidden[t_rows].T, dim=1).mean(0)
+    rater = [False] * len(source)
+    for j, row in enumerate(t_rows):
+        rater[row] = bool(score[j] > score.mean())
+    captured = {}
+    stages = []
+    for i, layer in enumerate(language_model.layers):
+        length = hidden.shape[0]
+        allowed = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = torch.zeros(1, 1, length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        position = torch.arange(length)[None] if positions == "renumber" else rope[..., None, :]
+        handle = layer.self_attn.register_forward_hook(lambda m, a, out: captured.update(probs=out[1]))
+        embeddings = language_model.rotary_emb(hidden[None], position)
+        hidden = layer(hidden[None], attention_mask=mask, position_embeddings=embeddings)[0]
+        handle.remove()
+        if i + 1 not in CUTS:
+            continue
+        stage = CUTS.index(i + 1)
+        attention = captured["probs"][0].mean(0)  # [L, L] heads averaged
+        vis = [r for r in range(length) if visual[r]]
+        raters = [r for r in range(length) if rater[r]]
+        rating = attention[raters][:, vis].mean(0)  # [n]
+        n = len(vis)
+        k = min(keep[stage], n - 1)
+        chosen = sorted(ranked(rating.tolist())[:k])
+        deleted = [p for p in range(n) if p not in chosen]
+        best = sorted(deleted, key=lambda p: (-float(rating[p]), p))[: int(len(deleted) * 0.3) + 1]
+        merged, centres = dpc_knn(hidden[[vis[p] for p in best]], int(len(best) / 10) + 1)
+        stages.append((rating, chosen, merged))
+        # the new sequence: the kept rows in order, the recycled ones after the last visual row
+        kept_rows = [r for r in range(length) if not visual[r] or vis.index(r) in chosen]
+        after = sum(1 for r in kept_rows if r <= vis[-1])
+        rows = kept_rows[:after] + [None] * len(centres) + kept_rows[after:]
+        new_hidden, new_rope = [], []
+        for j, r in enumerate(rows):
+            if r is None:
+                c = j - after
+                new_hidden.append(merged[c])
+                new_rope.append(rope[..., vis[best[centres[c]]]])
+            else:
+                new_hidden.append(hidden[r])
+                new_rope.append(rope[..., r])
+        hidden = torch.stack(new_hidden)
+        rope = torch.stack(new_rope, dim=-1)
+        source = [-2 if r is None else source[r] for r in rows]
+        visual = [True if r is None else visual[r] for r in rows]
+        rater = [False if r is None else rater[r] for r in rows]
+    logits = adapter.model.lm_head(language_model.norm(hidden))
+    return stages, source, rope, logits
+
+
+@pytest.mark.parametrize(
+    ("name", "positions"),
+    [
+        ("tiny_llava", "renumber"),
+        ("tiny_llava", "gather"),
+        ("tiny_qwen2vl", "gather"),
+        ("tiny_llava_ov", "renumber"),
+    ],
+)
+def test_equals_brute_force_reference(built, name, positions):  # noqa: F811
+    """Batched under SDPA == each sample alone through the eager brute force: ratings, kept indices in
+    order, recycled features, the final rows, their positions (Qwen: M-RoPE ids) and logits."""
+    spy = Spy(layers=CUTS, keep=KEEP[name], positions=positions)
+    adapter = load(built[name], name, spy)
+    eager = load(built[name], name, attn="eager")
+    images, extra = media(name)
+    with torch.no_grad():
+        inputs = adapter.prepare(QUESTIONS, images, **extra)
+        out = adapter.layers.forward(spy, inputs)
+    assert out.layer_tokens[0] != out.layer_tokens[1]  # mixed counts in the batch
+    for b in range(2):
+        alone = {key: [value[b]] for key, value in extra.items()}
+        with torch.no_grad():
+            single = eager.prepare([QUESTIONS[b]], [images[b]], **alone)
+            stages, source, rope, logits = brute_force(eager, single, KEEP[name], positions)
+        pad = inputs.input_ids.shape[1] - single.input_ids.shape[1]
+        assert torch.equal(inputs.input_ids[b, pad:], single.input_ids[0])
+        for s, (rating, chosen, merged) in enumerate(stages):
+            n, k, c = rating.numel(), len(chosen), merged.shape[0]
+            tokens, reduced = spy.seen[s], spy.outputs[s]
+            torch.testing.assert_close(tokens.signals[LLM_LAYER_RATER_ATTN][b, :n], rating, rtol=0, atol=1e-6)
+            assert int(tokens.lengths[b]) == n and int(reduced.lengths[b]) == k + c
+            assert reduced.index[b, :k].tolist() == chosen
+            assert bool((reduced.index[b, k : k + c] == -1).all())
+            torch.testing.assert_close(reduced.features[b, k : k + c], merged, rtol=0, atol=1e-5)
+            assert out.layer_tokens[b][s] == k + c
+        mask, ours = out.segments[-1]
+        assert int(mask[b].sum()) == len(source) and bool(mask[b, -len(source) :].all())
+        rows = out.source[b, -len(source) :].tolist()
+        assert rows == [x + pad if x >= 0 else x for x in source]  # kept rows in order, recycled (-2) placed
+        if positions == "gather":  # kept tokens keep their (M-RoPE) ids, recycled ones their centre's
+            assert torch.equal(ours[..., b, -len(source) :], rope)
+        torch.testing.assert_close(out.logits[b, -len(source) :], logits, rtol=0, atol=2e-5)
