@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from test_layered import QUESTIONS, Recorder, built, extended, load, media, visual_columns  # noqa: F401
+from test_layered import FAMILIES, QUESTIONS, Recorder, built, extended, load, media, visual_columns  # noqa: F401
 
 from tokenprune.reducers.sparsevlm import SparseVLM
 from tokenprune.types import LLM_LAYER_RATER_ATTN, LLM_LAYER_RATER_ATTN_ROWS, LayerTokens, Reduced
@@ -219,3 +219,88 @@ def test_equals_brute_force_reference(built, name, positions):  # noqa: F811
         if positions == "gather":  # kept tokens keep their (M-RoPE) ids, recycled ones their centre's
             assert torch.equal(ours[..., b, -len(source) :], rope)
         torch.testing.assert_close(out.logits[b, -len(source) :], logits, rtol=0, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- batches, backends, decoding
+def positions_for(name: str) -> str:
+    return "gather" if name == "tiny_qwen2vl" else "renumber"  # M-RoPE is always gathered
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_batch_equals_each_sample_alone(built, name):  # noqa: F811
+    """Greedy answers, counts and per-cut token counts (recycled included) of a mixed batch == alone."""
+    adapter = load(built[name], name, SparseVLM(layers=CUTS, keep=KEEP[name], positions=positions_for(name)))
+    images, extra = media(name)
+    timing: dict = {}
+    texts, counts = adapter.generate(QUESTIONS, images, **extra, max_new_tokens=4, timing=timing)
+    assert timing["layer_tokens"][0] != timing["layer_tokens"][1]
+    for b in range(2):
+        alone = {key: [value[b]] for key, value in extra.items()}
+        one: dict = {}
+        got = adapter.generate([QUESTIONS[b]], [images[b]], **alone, max_new_tokens=4, timing=one)
+        assert got == ([texts[b]], [counts[b]]) and one["layer_tokens"] == [timing["layer_tokens"][b]]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_eager_runner_equals_sdpa_runner(built, name):  # noqa: F811
+    """The runner under eager attention (additive masks) == under SDPA: same picks, same logits."""
+    images, extra = media(name)
+    outs = []
+    for attn in ("sdpa", "eager"):
+        spy = Spy(layers=CUTS, keep=KEEP[name], positions=positions_for(name))
+        adapter = load(built[name], name, spy, attn=attn)
+        with torch.no_grad():
+            out = adapter.layers.forward(spy, adapter.prepare(QUESTIONS, images, **extra))
+        outs.append((out, spy.outputs))
+    (sdpa, picks), (eager, eager_picks) = outs
+    assert sdpa.layer_tokens == eager.layer_tokens and torch.equal(sdpa.source, eager.source)
+    for ours, theirs in zip(picks, eager_picks):
+        assert torch.equal(ours.index, theirs.index)
+        torch.testing.assert_close(ours.features, theirs.features, rtol=0, atol=1e-5)
+    valid = sdpa.source != -1
+    torch.testing.assert_close(sdpa.logits[valid], eager.logits[valid], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cached_generation_equals_no_cache_recompute(built, name):  # noqa: F811
+    """Decoding with the KV cache (recycled tokens cached from their cut on) == a full recompute per
+    step replaying the prefill's picks and recycled tokens."""
+    spy = Spy(layers=CUTS, keep=KEEP[name], positions=positions_for(name))
+    adapter = load(built[name], name, spy)
+    images, extra = media(name)
+    steps = 4
+    with torch.no_grad():
+        inputs = adapter.prepare(QUESTIONS, images, **extra)
+        ids, _ = adapter.layers.generate(spy, inputs, steps, adapter.tokenizer.pad_token_id, None)
+        generated = ids[:, inputs.input_ids.shape[1] :]
+        replay = Recorder(CUTS, replay=list(spy.outputs), positions=positions_for(name))
+        for t in range(steps):
+            out = adapter.layers.forward(replay, extended(inputs, generated[:, :t]))
+            assert bool((out.source == -2).any())  # the recycled tokens are in the sequence
+            assert torch.equal(out.last_logits.argmax(-1), generated[:, t])
+
+
+def test_half_precision_signals_and_seeded_noise(built):  # noqa: F811
+    """signal_precision=float16 rounds the ratings to fp16 values near the float32 ones; the density
+    noise is reproducible for a seed."""
+    name = "tiny_llava"
+    images, extra = media(name)
+    ratings = {}
+    for precision in ("float32", "float16"):
+        spy = Spy(layers=CUTS, keep=KEEP[name], signal_precision=precision)
+        adapter = load(built[name], name, spy)
+        with torch.no_grad():
+            adapter.layers.forward(spy, adapter.prepare(QUESTIONS, images, **extra))
+        ratings[precision] = spy.seen[0].signals[LLM_LAYER_RATER_ATTN]
+    half = ratings["float16"]
+    assert torch.equal(half, half.half().float()) and not torch.equal(half, ratings["float32"])
+    torch.testing.assert_close(half, ratings["float32"], rtol=2e-2, atol=1e-4)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 8, generator=generator)
+    noisy = SparseVLM(density_noise=1e-6, seed=5)
+    first, again = noisy.cluster_and_merge(x, 5, 0), noisy.cluster_and_merge(x, 5, 0)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    merged, centres = SparseVLM().cluster_and_merge(x, 5, 0)
+    want, want_centres = dpc_knn(x, 5)
+    assert centres.tolist() == want_centres
+    torch.testing.assert_close(merged, want, rtol=0, atol=1e-6)
