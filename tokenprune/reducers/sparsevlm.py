@@ -94,7 +94,8 @@ class SparseVLM:
             )
         self.version = version
         self.layers = tuple(int(k) for k in (layers or (V15_LAYERS if version == "v1.5" else V1_LAYERS)))
-        self.keep = tuple(int(k) for k in (keep if keep is not None else V15_KEEP.get(budget, ())))
+        default_keep = V15_KEEP.get(budget, ()) if version == "v1.5" else ()
+        self.keep = tuple(int(k) for k in (keep if keep is not None else default_keep))
         if version == "v1.5" and len(self.keep) != len(self.layers):
             raise ValueError(f"keep has {len(self.keep)} counts for {len(self.layers)} layers {self.layers}")
         if any(k < 1 for k in self.keep):
