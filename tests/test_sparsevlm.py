@@ -113,14 +113,15 @@ def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, list[int]]:
 def brute_force(adapter, inputs, keep, positions):
     """One sample (batch 1) through SparseVLM v1.5 as the reference runs it: returns per cut (rating,
     kept positions among the visual tokens, recycled features), the final rows' sources (-2:
-    recycled), their rotary positions and logits."""
+    recycled), their rotary positions and logits (every row)."""
     language_model = adapter.model.model.language_model
     hidden = adapter.llm_input.embeddings(inputs)[0]  # [L, D]
     ids = inputs.input_ids[0]
     source = list(range(ids.numel()))
     visual = [c in set(visual_columns(adapter, inputs, 0).tolist()) for c in source]
     first = visual.index(True)
-    text = [c > first and not visual[c] for c in source]
+    answer = len(source) if inputs.labels is None else int((inputs.labels[0] != -100).int().argmax())
+    text = [first < c < answer and not visual[c] for c in source]  # the answer never rates
     rope = inputs.position_ids[1:, 0] if inputs.position_ids.dim() == 3 else inputs.position_ids[0]
     # raters: softmax over the text of V·Tᵀ on the input embeddings, mean over V, above the mean
     v = hidden[[i for i in source if visual[i]]]
@@ -219,6 +220,29 @@ def test_equals_brute_force_reference(built, name, positions):  # noqa: F811
         if positions == "gather":  # kept tokens keep their (M-RoPE) ids, recycled ones their centre's
             assert torch.equal(ours[..., b, -len(source) :], rope)
         torch.testing.assert_close(out.logits[b, -len(source) :], logits, rtol=0, atol=2e-5)
+
+
+def test_loss_equals_brute_force(built):  # noqa: F811
+    """The teacher-forced loss with recycled tokens in the sequence == the brute force's cross-entropy
+    over each sample's answer tokens (next row of the cut sequence; the answer and its predecessor
+    are never cut), pooled over the batch."""
+    name = "tiny_llava"
+    answers = ["a red square", "two"]
+    adapter = load(built[name], name, SparseVLM(layers=CUTS, keep=KEEP[name]))
+    eager = load(built[name], name, attn="eager")
+    images, _ = media(name)
+    with torch.no_grad():
+        ours = adapter.loss(adapter.prepare(QUESTIONS, images, answers=answers))
+        losses = []
+        for b in range(2):
+            single = eager.prepare([QUESTIONS[b]], [images[b]], answers=[answers[b]])
+            _, source, _, logits = brute_force(eager, single, KEEP[name], "renumber")
+            labels = single.labels[0]
+            for j in range(len(source) - 1):
+                if source[j + 1] >= 0 and int(labels[source[j + 1]]) != -100:
+                    losses.append(torch.nn.functional.cross_entropy(logits[j], labels[source[j + 1]]))
+    assert -2 in source and len(losses) > 2
+    torch.testing.assert_close(ours, torch.stack(losses).mean(), rtol=0, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------- batches, backends, decoding
