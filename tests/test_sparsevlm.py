@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_layered import FAMILIES, QUESTIONS, Recorder, built, extended, load, media, visual_columns  # noqa: F401
 
+from tokenprune.models.layered import LayerRunner
 from tokenprune.reducers.sparsevlm import SparseVLM
 from tokenprune.types import LLM_LAYER_RATER_ATTN, LLM_LAYER_RATER_ATTN_ROWS, LayerTokens, Reduced
 
@@ -328,3 +329,34 @@ def test_half_precision_signals_and_seeded_noise(built):  # noqa: F811
     want, want_centres = dpc_knn(x, 5)
     assert centres.tolist() == want_centres
     torch.testing.assert_close(merged, want, rtol=0, atol=1e-6)
+
+
+def test_runner_refuses_malformed_synthetic_tokens(built):  # noqa: F811
+    """Synthetic tokens must follow the kept ones, and under gather name their anchor: clear errors."""
+    name = "tiny_llava"
+    images, _ = media(name)
+
+    class Fixed:
+        space, requires = "llm_layer", ()
+
+        def __init__(self, index, anchor, positions):
+            self.layers, self.positions = (1,), positions
+            self.index, self.anchor = torch.tensor([index]), anchor
+
+        def __call__(self, tokens):
+            features = tokens.features[:, : self.index.shape[1]]
+            lengths = torch.tensor([self.index.shape[1]])
+            return Reduced(
+                features, self.index, lengths, None if self.anchor is None else torch.zeros_like(self.index)
+            )
+
+    adapter = load(built[name], name)
+    with torch.no_grad():
+        inputs = adapter.prepare(QUESTIONS[:1], images[:1])
+        runner = LayerRunner(adapter.model, adapter.llm_input)
+        with pytest.raises(ValueError, match=r"synthetic tokens \(-1\) after the kept ones"):
+            runner.forward(Fixed([-1, 3], True, "renumber"), inputs)
+        with pytest.raises(ValueError, match=r"without Reduced\.anchor"):
+            runner.forward(Fixed([3, -1], None, "gather"), inputs)
+        out = runner.forward(Fixed([3, 5, -1], None, "renumber"), inputs)
+        assert out.layer_tokens == [[3]] and int((out.source == -2).sum()) == 1
