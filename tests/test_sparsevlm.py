@@ -360,3 +360,29 @@ def test_runner_refuses_malformed_synthetic_tokens(built):  # noqa: F811
             runner.forward(Fixed([3, -1], None, "gather"), inputs)
         out = runner.forward(Fixed([3, 5, -1], None, "renumber"), inputs)
         assert out.layer_tokens == [[3]] and int((out.source == -2).sum()) == 1
+
+
+def test_v1_runs_end_to_end_with_its_rank_rule(built):  # noqa: F811
+    """v1 on a tiny family: the per-rater rows average to the rating, and each cut keeps
+    min(int(rank * scale + bias), n - 1) (+ recycled), the rank being the rater count (rows of a
+    softmax are independent here)."""
+    name = "tiny_llava"
+    spy = Spy(version="v1", layers=CUTS, scale=30.0, bias=2.0)
+    adapter = load(built[name], name, spy)
+    images, _ = media(name)
+    with torch.no_grad():
+        out = adapter.layers.forward(spy, adapter.prepare(QUESTIONS, images))
+    for tokens, reduced in zip(spy.seen, spy.outputs):
+        rows, rating = tokens.signals[LLM_LAYER_RATER_ATTN_ROWS], tokens.signals[LLM_LAYER_RATER_ATTN]
+        for b in range(2):
+            n = int(tokens.lengths[b])
+            raters = int((rows[b].sum(-1) > 0).sum())
+            torch.testing.assert_close(rows[b, :raters, :n].mean(0), rating[b, :n], rtol=0, atol=1e-7)
+            assert int(torch.linalg.matrix_rank(rows[b, :, :n])) == raters > 1
+            k = min(int(raters * 30.0 + 2.0), n - 1)
+            recycled = spy.recycled_count(n - k)[1]
+            assert (
+                int(reduced.lengths[b]) == k + recycled
+                and int((reduced.index[b, : k + recycled] == -1).sum()) == recycled
+            )
+    assert [len(t) for t in out.layer_tokens] == [3, 3]
