@@ -346,18 +346,23 @@ def test_runner_refuses_malformed_synthetic_tokens(built):  # noqa: F811
         def __call__(self, tokens):
             features = tokens.features[:, : self.index.shape[1]]
             lengths = torch.tensor([self.index.shape[1]])
-            return Reduced(
-                features, self.index, lengths, None if self.anchor is None else torch.zeros_like(self.index)
-            )
+            anchor = None if self.anchor is None else torch.full_like(self.index, self.anchor)
+            return Reduced(features, self.index, lengths, anchor)
 
     adapter = load(built[name], name)
     with torch.no_grad():
         inputs = adapter.prepare(QUESTIONS[:1], images[:1])
         runner = LayerRunner(adapter.model, adapter.llm_input)
         with pytest.raises(ValueError, match=r"synthetic tokens \(-1\) after the kept ones"):
-            runner.forward(Fixed([-1, 3], True, "renumber"), inputs)
+            runner.forward(Fixed([-1, 3], 0, "renumber"), inputs)
         with pytest.raises(ValueError, match=r"without Reduced\.anchor"):
             runner.forward(Fixed([3, -1], None, "gather"), inputs)
+        with pytest.raises(ValueError, match=r"Reduced\.anchor outside"):
+            runner.forward(Fixed([3, -1], 10**6, "gather"), inputs)
+        gathered = runner.forward(Fixed([3, 5, -1], 7, "gather"), inputs)
+        anchor_column = int(visual_columns(adapter, inputs, 0)[7])
+        rope = gathered.segments[1][1][0, gathered.source[0] == -2]
+        assert rope.tolist() == [int(inputs.position_ids[0, anchor_column])]  # the anchor's position
         out = runner.forward(Fixed([3, 5, -1], None, "renumber"), inputs)
         assert out.layer_tokens == [[3]] and int((out.source == -2).sum()) == 1
 

@@ -336,6 +336,10 @@ class LayerRunner:
                 f"{name} returned synthetic tokens under positions=gather without Reduced.anchor "
                 "(the visual token whose position each one takes); set it, or use positions=renumber"
             )
+        if reduced.anchor is not None:
+            anchor = reduced.anchor
+            if bool((synthetic & ((anchor < 0) | (anchor >= lengths[:, None]))).any()):
+                raise ValueError(f"{name} returned a Reduced.anchor outside 0..N_b-1 for a synthetic token")
         safe = index.clamp(min=0).clamp(max=max(columns.shape[1] - 1, 0))
         picked = columns.gather(1, safe) if columns.shape[1] else safe
         return torch.where(real, picked, -1), synthetic
