@@ -62,6 +62,7 @@ SHAPES = {
     },
 }
 PATCHES = 576
+CLOCK = [time.perf_counter]  # the CPU timer (--cpu-time: time.process_time)
 
 
 def layer_signals(n: int, text: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -221,9 +222,9 @@ def prefill_times(model, lengths: list[int], repeats: int, device: str) -> dict[
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end)
-        begin = time.perf_counter()
+        begin = CLOCK[0]()
         model(inputs_embeds=embeds[n], use_cache=False, logits_to_keep=1)
-        return (time.perf_counter() - begin) * 1000
+        return (CLOCK[0]() - begin) * 1000
 
     for n in lengths:
         forward(n)  # warm-up
@@ -233,6 +234,101 @@ def prefill_times(model, lengths: list[int], repeats: int, device: str) -> dict[
             samples[n].append(forward(n))
     summary = statistics.median if cuda else min
     return {n: summary(values) for n, values in samples.items()}
+
+
+# ----------------------------------------------------------------------------- SparseVLM (inside the LLM)
+def sparsevlm_counts(budget: int, cuts: tuple[int, ...], seed: int = 0) -> list[int]:
+    """Visual tokens after each of SparseVLM v1.5's cuts (recycled ones included) for 576 tokens, from
+    the reducer itself on random features and ratings (its counts do not depend on them)."""
+    from tokenprune.reducers.sparsevlm import V15_KEEP, SparseVLM
+    from tokenprune.types import LLM_LAYER_RATER_ATTN, LayerTokens
+
+    reducer = SparseVLM(layers=cuts, keep=V15_KEEP[budget][: len(cuts)])  # a shallow LLM: the first cuts
+    generator = torch.Generator().manual_seed(seed)
+    n, counts = PATCHES, []
+    for stage, layer in enumerate(cuts):
+        signals = {LLM_LAYER_RATER_ATTN: torch.rand(1, n, generator=generator)}
+        tokens = LayerTokens(
+            torch.randn(1, n, 8, generator=generator),
+            torch.tensor([n]),
+            torch.tensor([PATCHES]),
+            signals,
+            layer,
+            stage,
+        )
+        n = int(reducer(tokens).lengths[0])
+        counts.append(n)
+    return counts
+
+
+@torch.inference_mode()
+def staged_prefill_times(
+    model, plans: dict[str, list[tuple[int, int]]], repeats: int, device: str
+) -> dict[str, float]:
+    """Per plan [(layers, tokens), ...] (consecutive decoder layers run on that many rows), the prefill
+    time in ms: the decoder layers stage by stage (causal SDPA), then the norm and head on the last row.
+    Timed round-robin like `prefill_times`; the cut's own work (signals, selection) is not timed."""
+    language_model, width = model.model, model.config.hidden_size
+    cuda = device.startswith("cuda")
+    inputs = {
+        name: [torch.randn(1, s, width, device=device, dtype=model.dtype) for _, s in plan]
+        for name, plan in plans.items()
+    }
+
+    def forward(name: str) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        begin = CLOCK[0]()
+        first = 0
+        for (layers, _), hidden in zip(plans[name], inputs[name]):
+            positions = torch.arange(hidden.shape[1], device=device)[None]
+            embeddings = language_model.rotary_emb(hidden, positions)
+            for layer in language_model.layers[first : first + layers]:
+                hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings)
+            first += layers
+        model.lm_head(language_model.norm(hidden[:, -1:]))
+        if cuda:
+            torch.cuda.synchronize()
+        return (CLOCK[0]() - begin) * 1000
+
+    for name in plans:
+        forward(name)  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in plans}
+    for _ in range(repeats):
+        for name in plans:
+            samples[name].append(forward(name))
+    summary = statistics.median if cuda else min
+    return {name: summary(values) for name, values in samples.items()}
+
+
+def sparsevlm_rows(model, text: int, repeats: int, device: str) -> None:
+    """SparseVLM v1.5 at 64 / 128 / 192: the staged prefill vs the unreduced one, measured and by FLOPs
+    (eval/flops.py), cuts at the reference's 3 / 7 / 16 of 32 layers scaled to this depth."""
+    from tokenprune.eval import flops
+
+    depth = model.config.num_hidden_layers
+    cuts = tuple(sorted({max(1, min(depth - 1, round(k * depth / 32))) for k in (3, 7, 16)}))
+    llm = flops.llm_shape(model.config)
+    plans = {"none": [(depth, PATCHES + text)]}
+    for budget in (192, 128, 64):
+        counts = sparsevlm_counts(budget, cuts)
+        plans[f"sparsevlm {budget}"] = flops.llm_stages(
+            llm, cuts, [PATCHES + text, *(k + text for k in counts)]
+        )
+    times = staged_prefill_times(model, plans, repeats, device)
+    print(f"\nSparseVLM v1.5 inside the LLM (cuts after layers {list(cuts)} of {depth}; k after each cut):")
+    print(
+        "| reducer | visual tokens per stage | prefill ms | measured speed-up | analytic FLOPs ratio | measured / analytic |"
+    )
+    print("|---|---|---|---|---|---|")
+    full = flops.prefill_flops(llm, plans["none"])
+    for name, plan in plans.items():
+        measured = times["none"] / times[name]
+        analytic = full / flops.prefill_flops(llm, plan)
+        tokens = " / ".join(str(s - text) for _, s in plan)
+        print(
+            f"| {name} | {tokens} | {times[name]:.1f} | {measured:.2f}x | {analytic:.2f}x | {measured / analytic:.2f} |"
+        )
 
 
 def main() -> None:
@@ -248,7 +344,15 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="a tiny LLM and one repeat: checks the script runs"
     )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU: time with this process's CPU time instead of the wall clock (a busy shared machine; "
+        "use with OMP_NUM_THREADS=1)",
+    )
     args = parser.parse_args()
+    if args.cpu_time and not args.device.startswith("cuda"):
+        CLOCK[0] = time.process_time  # both tables' CPU timer: time spent in this process only
     if args.smoke:
         args.shape, args.repeats = "smoke", 1
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
@@ -283,6 +387,7 @@ def main() -> None:
         print_inside(model, inside, args)
     for name, reason in sorted(skipped.items()):
         print(f"skipped {name}: {reason}")
+    sparsevlm_rows(model, args.text, args.repeats, args.device)
 
 
 def print_inside(model, inside: dict[str, tuple[tuple[int, ...], list[int]]], args) -> None:

@@ -167,11 +167,15 @@ def prefill_reducers(run: Run) -> dict[str, Any]:
 
     from tokenprune.config import compose
     from tokenprune.reducers.keep_by_signal import KeepBySignal
+    from tokenprune.reducers.sparsevlm import V15_KEEP, SparseVLM
 
     cut = 1 if run.dry_run else 2  # the tiny LLM has 2 layers
     reducers = {name: instantiate(compose([f"reducer={name}"]).reducer) for name in PREFILL_CONFIGS}
     reducers[f"llm_layer K={cut} keep 50%"] = KeepBySignal(layers=cut, keep=0.5)
     reducers[f"llm_layer K={cut} keep 25%"] = KeepBySignal(layers=cut, keep=0.25)
+    # SparseVLM v1.5 "192": 309 / 204 / 113 visual tokens after its cuts
+    sparse = (1,) if run.dry_run else (3, 7, 16)
+    reducers["sparsevlm 192"] = SparseVLM(layers=sparse, keep=V15_KEEP[192][: len(sparse)])
     return reducers
 
 

@@ -73,12 +73,24 @@ LLM_LAYER_TOKEN_SIGNALS = (
     LLM_LAYER_TEXT_NORMED,
     LLM_LAYER_TEXT_LENGTHS,
 )
+# SparseVLM's text raters (docs/peers.md): computed once per prefill on the LLM input embeddings, per
+# sample, from its visual rows V and its text rows T (the rows `llm_layer_text_attn` averages): the
+# softmax over the text axis of the raw dot products V·Tᵀ, averaged over the visual rows, gives each
+# text token a score s_j; the raters are the text tokens with s_j above the mean of s. The rater
+# signals are layer K-1's attention from the rater rows (heads averaged) to the current visual tokens.
+# A reducer attribute `signal_precision = "float16"` makes the runner emulate the reference's
+# half-precision eager attention for them (logits, probabilities and the means rounded to fp16);
+# the default "float32" computes them in float32 like the other signals.
+LLM_LAYER_RATER_ATTN = "llm_layer_rater_attn"  # [B, N] layer K-1, rater rows averaged, heads averaged
+LLM_LAYER_RATER_ATTN_ROWS = "llm_layer_rater_attn_rows"  # [B, R, N] per rater row (zero rows past its count)
+RATER_SIGNALS = (LLM_LAYER_RATER_ATTN, LLM_LAYER_RATER_ATTN_ROWS)
 LLM_LAYER_SIGNALS = (
     LLM_LAYER_LAST_ATTN,
     LLM_LAYER_LAST_ATTN_HEADS,
     LLM_LAYER_TEXT_ATTN,
     LLM_LAYER_NEXT_LAST_ATTN,
     *LLM_LAYER_TOKEN_SIGNALS,
+    *RATER_SIGNALS,
 )
 
 
@@ -138,11 +150,14 @@ class Reduced:
         index: [B, M] long; the source patch each token stands for, -1 for a synthetic token
             with no single source (e.g. PruMerge's extra token) and for padding.
         lengths: [B] long; the number of valid tokens per sample (M == lengths.max()).
+        anchor: [B, M] long or None; inside the LLM, for each synthetic token, the current visual
+            token whose (M-)RoPE position it takes under `positions="gather"` (ignored elsewhere).
     """
 
     features: torch.Tensor  # [B, M, D]
     index: torch.Tensor  # [B, M]
     lengths: torch.Tensor  # [B]
+    anchor: torch.Tensor | None = None  # [B, M]
 
     def unpad(self) -> list[torch.Tensor]:
         """Per-sample valid tokens, each [lengths[b], D] (one host sync for the lengths)."""
@@ -191,11 +206,15 @@ class LayerReducer(Protocol):
     """A reducer inside the LLM: after each decoder layer in `layers` it returns which visual tokens stay.
 
     It returns a `Reduced` whose `index[b, :lengths[b]]` are positions among the sample's current
-    visual tokens (0 .. N_b - 1), strictly ascending (the sequence keeps its order), no synthetic
-    tokens (-1); `features` become those tokens' hidden states for the later layers (return the
-    gathered input rows to prune, other values to modify them). Every later layer and the KV cache
-    hold only the kept tokens. `positions`: "gather" keeps each token's original (M-)RoPE position,
-    "renumber" numbers the shortened sequence contiguously from the cut on (1-D RoPE only).
+    visual tokens (0 .. N_b - 1), strictly ascending (the sequence keeps its order), optionally
+    followed by synthetic tokens (-1, e.g. SparseVLM's recycled tokens; at most N_b tokens in all);
+    `features` become those tokens' hidden states for the later layers (return the gathered input
+    rows to prune, other values to modify them). Synthetic tokens enter the sequence right after
+    the sample's last visual token (before the text that follows it), in the order returned, and
+    are visual tokens (candidates) at later cuts. Every later layer and the KV cache hold only the
+    kept and synthetic tokens. `positions`: "gather" keeps each token's original (M-)RoPE position
+    (a synthetic token takes the position of its `Reduced.anchor`), "renumber" numbers the
+    shortened sequence contiguously from the cut on (1-D RoPE only).
     """
 
     space: ClassVar[Space]

@@ -22,8 +22,15 @@ ones.
   a decode step appends one column to every segment's mask.
 * **Batches.** Per-sample kept counts may differ; each segment is left-padded to its longest row.
 
-The reducer must return, per sample, strictly ascending indices into its current visual tokens (no
-synthetic tokens); its `features` replace those tokens' hidden states.
+The reducer must return, per sample, strictly ascending indices into its current visual tokens; its
+`features` replace those tokens' hidden states.
+
+* **Synthetic tokens** (index -1 after the kept ones, e.g. SparseVLM's recycled tokens): inserted
+  right after the sample's last visual token before the cut (so before the text that follows it),
+  in the order returned; they are visual tokens from then on (candidates at later cuts, counted in
+  `layer_tokens` and so by the FLOP meter), have no LLM-input column (`source` -2) and no label.
+  Positions: "renumber" numbers them with the rest; "gather" gives each the position of its
+  `Reduced.anchor` (a current visual token chosen by the reducer; M-RoPE: its (t, h, w) row).
 """
 
 from __future__ import annotations
@@ -35,19 +42,22 @@ from typing import Any
 import torch
 
 from tokenprune.models._views import LlmInput, SplicedInputs
-from tokenprune.models.signals import decoder_query_key, mean_row_attention
+from tokenprune.models.signals import decoder_query_key, mean_row_attention, row_attention, text_raters
 from tokenprune.types import (
     LLM_LAYER_KEYS,
     LLM_LAYER_LAST_ATTN,
     LLM_LAYER_LAST_ATTN_HEADS,
     LLM_LAYER_NEXT_LAST_ATTN,
     LLM_LAYER_NORMED,
+    LLM_LAYER_RATER_ATTN,
+    LLM_LAYER_RATER_ATTN_ROWS,
     LLM_LAYER_SIGNALS,
     LLM_LAYER_TEXT_ATTN,
     LLM_LAYER_TEXT_KEYS,
     LLM_LAYER_TEXT_LENGTHS,
     LLM_LAYER_TEXT_NORMED,
     LLM_LAYER_TOKEN_SIGNALS,
+    RATER_SIGNALS,
     LayerTokens,
     Reduced,
 )
@@ -66,7 +76,8 @@ class Rows:
         visual: [B, L] bool, the visual tokens.
         text: [B, L] bool, the rows `llm_layer_text_attn` averages.
         last: [B, L] bool, the last prompt token.
-        source: [B, L] long, the row's column in the LLM input (-1: padding).
+        source: [B, L] long, the row's column in the LLM input (-1: padding, -2: a synthetic token).
+        rater: [B, L] bool, SparseVLM's text raters (None unless the reducer asks for rater signals).
     """
 
     hidden: torch.Tensor
@@ -76,6 +87,7 @@ class Rows:
     text: torch.Tensor
     last: torch.Tensor
     source: torch.Tensor
+    rater: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,7 +97,7 @@ class LayeredOutput:
     Attributes:
         logits: [B, L', V] at every row of the last segment (None when only the last row was asked).
         last_logits: [B, V] at the last column.
-        source: [B, L'] long, each last-segment row's column in the LLM input (-1: padding).
+        source: [B, L'] long, each last-segment row's column in the LLM input (-1: padding, -2: synthetic).
         segments: per segment, (mask [B, L_s] bool, rope positions) for decoding with the cache.
         layer_tokens: per sample, its visual token count after each cut.
     """
@@ -202,6 +214,9 @@ class LayerRunner:
         n_layers = len(language_model.layers)
         cuts = check_layer_reducer(reducer, n_layers, inputs.position_ids.dim() == 3)
         rows = self.initial_rows(inputs)
+        if set(RATER_SIGNALS) & set(reducer.requires):  # SparseVLM's raters, once, on the LLM input
+            half = getattr(reducer, "signal_precision", "float32") == "float16"
+            rows = replace(rows, rater=text_raters(rows.hidden, rows.visual & rows.mask, rows.text, half))
         original = rows.visual.sum(-1)  # [B]
         bounds = (0, *cuts, n_layers)
         segments, counts = [], []
@@ -239,23 +254,74 @@ class LayerRunner:
         columns[valid] = visual.nonzero()[:, 1]  # [B, N] each visual token's column, row-major
         features = rows.hidden.gather(1, columns[..., None].expand(-1, -1, rows.hidden.shape[-1]))
         features = features * valid[..., None]  # [B, N, D]
-        signals = self.signals(reducer.requires, rows, before, layer, columns, valid)
+        plain = tuple(name for name in reducer.requires if name not in RATER_SIGNALS)
+        signals = self.signals(plain, rows, before, layer, columns, valid)
+        signals.update(self.rater_signals(reducer, rows, before, layer, columns, valid))
         tokens = LayerTokens(features, lengths, original, signals, layer=layer, stage=stage)
         reduced = reducer(tokens)
-        kept_columns = self._kept_columns(reducer, reduced, columns, lengths)  # [B, M], -1 padding
+        kept_columns, synthetic = self._kept_columns(reducer, reduced, columns, lengths)  # [B, M]
         keep = rows.mask & ~visual
         picked = kept_columns >= 0
         batch = torch.arange(visual.shape[0], device=visual.device)[:, None].expand_as(kept_columns)
         keep[batch[picked], kept_columns[picked]] = True
         hidden = rows.hidden.clone()
         hidden[batch[picked], kept_columns[picked]] = reduced.features[picked].to(hidden.dtype)
-        return self._gather(rows, keep, hidden, reducer.positions)
+        rows = replace(rows, hidden=hidden)
+        if bool(synthetic.any()):
+            rows, keep = self._insert_synthetic(rows, keep, reduced, synthetic, columns, lengths)
+        return self._gather(rows, keep, rows.hidden, reducer.positions)
+
+    @staticmethod
+    def _insert_synthetic(
+        rows: Rows,
+        keep: torch.Tensor,
+        reduced: Reduced,
+        synthetic: torch.Tensor,
+        columns: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> tuple[Rows, torch.Tensor]:
+        """`rows` (and `keep`) with the synthetic tokens placed after each sample's last visual token."""
+        counts = synthetic.sum(-1)  # [B]
+        width = int(counts.max())
+        b, slot = synthetic.nonzero(as_tuple=True)  # row-major: each sample's synthetic tokens in order
+        dest = slot - (reduced.lengths - counts)[b]  # their order among the sample's synthetic tokens
+        new = torch.zeros(keep.shape[0], width, dtype=torch.bool, device=keep.device)
+        new[b, dest] = True  # [B, W] real new rows
+        hidden = rows.hidden.new_zeros(keep.shape[0], width, rows.hidden.shape[-1])
+        hidden[b, dest] = reduced.features[b, slot].to(hidden.dtype)
+        anchor = columns.new_zeros(keep.shape[0], width)  # the anchors' columns (0: renumbered anyway)
+        if reduced.anchor is not None:
+            anchor[b, dest] = columns[b, reduced.anchor[b, slot]]
+        mrope = rows.rope.dim() == 3
+        rope = rows.rope.gather(-1, anchor.expand(rows.rope.shape[0], -1, -1) if mrope else anchor)
+        last_visual = columns.gather(1, (lengths - 1).clamp(min=0)[:, None])  # [B, 1]
+        existing = 2 * torch.arange(keep.shape[1], device=keep.device)[None].expand_as(keep)
+        order = torch.cat([existing, (2 * last_visual + 1).expand_as(new)], dim=1).argsort(dim=1, stable=True)
+
+        def placed(values: torch.Tensor, added: torch.Tensor, axis: int = 1) -> torch.Tensor:
+            joined = torch.cat([values, added], dim=axis)  # the sequence axis: `axis`, batch: axis - 1
+            index = order.view(*([1] * (axis - 1)), *order.shape, *([1] * (joined.dim() - axis - 1)))
+            return joined.gather(axis, index.expand_as(joined))
+
+        flag = torch.zeros_like(new)
+        rows = Rows(
+            hidden=placed(rows.hidden, hidden),
+            mask=placed(rows.mask, new),
+            rope=placed(rows.rope, rope, axis=2 if mrope else 1),
+            visual=placed(rows.visual, new),
+            text=placed(rows.text, flag),
+            last=placed(rows.last, flag),
+            source=placed(rows.source, torch.where(new, -2, -1)),
+            rater=None if rows.rater is None else placed(rows.rater, flag),
+        )
+        return rows, placed(keep, new)
 
     @staticmethod
     def _kept_columns(
         reducer: Any, reduced: Reduced, columns: torch.Tensor, lengths: torch.Tensor
-    ) -> torch.Tensor:
-        """[B, M] the kept tokens' columns (-1 past each sample's length), after checking the output."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, M] the kept tokens' columns, -1 elsewhere; [B, M] bool the synthetic tokens), after
+        checking the output (module docstring)."""
         index, kept = reduced.index, reduced.lengths
         m = index.shape[1]
         valid = torch.arange(m, device=index.device)[None] < kept[:, None]  # [B, M]
@@ -264,16 +330,27 @@ class LayerRunner:
             raise ValueError(
                 f"{name} kept more tokens than it was given ({kept.tolist()} > {lengths.tolist()})"
             )
-        if bool(((index < 0) & valid).any()) or bool(((index >= lengths[:, None]) & valid).any()):
-            raise ValueError(
-                f"{name} returned an index outside 0..N_b-1 (inside the LLM no synthetic tokens)"
-            )
+        synthetic = (index == -1) & valid
+        real = (index >= 0) & valid
+        if bool(((index < -1) & valid).any()) or bool(((index >= lengths[:, None]) & valid).any()):
+            raise ValueError(f"{name} returned an index outside 0..N_b-1 (or -1 for a synthetic token)")
+        if bool((synthetic[:, :-1] & real[:, 1:]).any()):
+            raise ValueError(f"{name} must return its synthetic tokens (-1) after the kept ones")
         rising = index[:, 1:] > index[:, :-1]
-        if bool((~rising & valid[:, 1:]).any()):
+        if bool((~rising & real[:, 1:]).any()):
             raise ValueError(f"{name} must return strictly ascending indices per sample (the sequence order)")
+        if bool(synthetic.any()) and reducer.positions == "gather" and reduced.anchor is None:
+            raise ValueError(
+                f"{name} returned synthetic tokens under positions=gather without Reduced.anchor "
+                "(the visual token whose position each one takes); set it, or use positions=renumber"
+            )
+        if reduced.anchor is not None:
+            anchor = reduced.anchor
+            if bool((synthetic & ((anchor < 0) | (anchor >= lengths[:, None]))).any()):
+                raise ValueError(f"{name} returned a Reduced.anchor outside 0..N_b-1 for a synthetic token")
         safe = index.clamp(min=0).clamp(max=max(columns.shape[1] - 1, 0))
         picked = columns.gather(1, safe) if columns.shape[1] else safe
-        return torch.where(valid, picked, -1)
+        return torch.where(real, picked, -1), synthetic
 
     def _gather(self, rows: Rows, keep: torch.Tensor, hidden: torch.Tensor, positions: str) -> Rows:
         """The kept rows, in order, left-padded to the longest sample."""
@@ -303,6 +380,7 @@ class LayerRunner:
             text=move(rows.text, False),
             last=move(rows.last, False),
             source=move(rows.source, -1),
+            rater=None if rows.rater is None else move(rows.rater, False),
         )
 
     def signals(
@@ -374,6 +452,34 @@ class LayerRunner:
             LLM_LAYER_TEXT_NORMED: take(normed, text_columns, text_valid),
             LLM_LAYER_TEXT_LENGTHS: text_lengths,
         }
+
+    def rater_signals(
+        self,
+        reducer: Any,
+        rows: Rows,
+        before: torch.Tensor,
+        layer: int,
+        columns: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """SparseVLM's rater signals (`types.RATER_SIGNALS`) the reducer requires, from layer `layer` - 1."""
+        wanted = [name for name in RATER_SIGNALS if name in reducer.requires]
+        if not wanted:
+            return {}
+        half = getattr(reducer, "signal_precision", "float32") == "float16"
+        language_model = self.language_model
+        query, key, scale = decoder_query_key(
+            language_model.layers[layer - 1], language_model.rotary_emb, before, rows.rope
+        )
+        probs, counts = row_attention(query, key, scale, rows.mask, rows.rater, half)  # [B, R, L], [B]
+        index = columns[:, None].expand(-1, probs.shape[1], -1)
+        per_row = probs.gather(2, index) * valid[:, None]  # [B, R, N]
+        mean = per_row.sum(1) / counts.clamp(min=1)[:, None]
+        out = {
+            LLM_LAYER_RATER_ATTN_ROWS: per_row,
+            LLM_LAYER_RATER_ATTN: mean.half().float() if half else mean,
+        }
+        return {name: out[name] for name in wanted}
 
     # ------------------------------------------------------------------ loss and generation
     def loss(self, reducer: Any, inputs: SplicedInputs) -> torch.Tensor:

@@ -338,3 +338,75 @@ def mean_row_attention(
             total += probs.sum(dim=2).reshape(heads, length)
         out[sample] = total / wanted.numel()
     return out
+
+
+def _rounded(values: torch.Tensor, half: bool) -> torch.Tensor:
+    """`values` rounded to float16 and back (emulating a half-precision reference) when `half`."""
+    return values.half().float() if half else values
+
+
+def text_raters(
+    embeds: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, half: bool = False
+) -> torch.Tensor:
+    """SparseVLM's text raters (types.py): the text rows whose visual-averaged relevance is above the mean.
+
+    Per sample: M = softmax over the text axis of V·Tᵀ (raw dot products of the LLM input
+    embeddings, no scale), s = M averaged over the visual rows, raters = {j : s_j > mean(s)}.
+
+    Args:
+        embeds: [B, L, D] the LLM input embeddings.
+        visual, text: [B, L] bool, each sample's visual rows and text rows.
+        half: emulate the reference's float16 arithmetic (the products, softmax and means rounded).
+
+    Returns:
+        [B, L] bool, the rater rows (a sample without visual or text rows has none).
+    """
+    out = torch.zeros_like(text)
+    for b in range(embeds.shape[0]):
+        rows, cols = visual[b].nonzero().squeeze(1), text[b].nonzero().squeeze(1)
+        if rows.numel() == 0 or cols.numel() == 0:
+            continue
+        v, t = _rounded(embeds[b, rows].float(), half), _rounded(embeds[b, cols].float(), half)
+        logits = _rounded(v @ t.T, half)  # [n, T]
+        score = _rounded(_rounded(logits.softmax(-1), half).mean(0), half)  # [T]
+        out[b, cols[score > _rounded(score.mean(), half)]] = True
+    return out
+
+
+def row_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    half: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal attention of each chosen row to every key, heads averaged (one row per query row).
+
+    Softmax and masking as `mean_row_attention`; `half` emulates a float16 eager attention (the
+    logits, the probabilities and the head mean rounded to float16).
+
+    Args:
+        query: [B, H, L, d]; key: [B, Hkv, L, d] rotated (float32); scale: the layer's `scaling`.
+        attention_mask: [B, L] 1 (True) for real tokens.
+        rows: [B, L] bool, the query rows per sample.
+
+    Returns:
+        ([B, R, L] float32 per chosen row in sequence order, zero rows past each sample's count;
+        [B] long, each sample's row count), R = the largest count.
+    """
+    b, heads, length, d = query.shape
+    groups = heads // key.shape[1]
+    counts = rows.sum(-1)
+    out = query.new_zeros(b, int(counts.max()) if b else 0, length)
+    positions = torch.arange(length, device=query.device)
+    for sample in range(b):
+        wanted = rows[sample].nonzero().squeeze(1)  # [R]
+        if wanted.numel() == 0:
+            continue
+        q = query[sample][:, wanted].view(-1, groups, wanted.numel(), d)  # [Hkv, G, R, d]
+        logits = _rounded(torch.matmul(q, key[sample].transpose(-1, -2)[:, None]) * scale, half)
+        allowed = (positions[None, :] <= wanted[:, None]) & attention_mask[sample].bool()[None, :]  # [R, L]
+        probs = _rounded(logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1), half)
+        out[sample, : wanted.numel()] = _rounded(probs.mean(dim=(0, 1)), half)  # [R, L]
+    return out, counts
