@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from tokenprune.atomic import atomic_folder
 from tokenprune.reducers._ops import gather_tokens, identity, resolve_budget
 from tokenprune.types import LLM_TEXT_ATTN, RELEVANCE, Reduced, Space, VisualTokens
 
@@ -156,15 +156,11 @@ def save_mapper(net: MapperNet, folder: str | Path, info: dict[str, Any] | None 
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "version": 1, "net": asdict(net.config), "info": info or {}}
-    (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    with atomic_folder(folder) as staging:
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return folder
 
 
@@ -332,7 +328,7 @@ class _VideoMapper:
 class ExplainOracle:
     """Keeps the visual tokens with the highest GAE relevance of the answer (an upper bound; analysis).
 
-    The adapter computes `relevance` (tokenprune.explain.gae) before reducing: for the answers given
+    The adapter computes `relevance` (tokenprune.models.gae) before reducing: for the answers given
     in training inputs, else for the unreduced model's own greedy answer (`answer_tokens` at most),
     then the reduced model answers again. Costs one extra generation, one teacher-forced forward
     with recorded attention and one backward per answer token per sample.
