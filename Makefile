@@ -72,7 +72,7 @@ miniature: install ## the miniature reproduction on a CPU: its sweeps, token rep
 	$(PY) scripts/mini_tokens.py --split test
 
 miniature-mapper: install ## the miniature's explainability-mapper comparison: labels, mapper, oracle, table (~20 min)
-	$(PY) -m tokenprune.label model=mini_shapes data=shapes data.n=100 label.progress=false
+	$(PY) -m tokenprune.label model=mini_shapes source=shapes source.n=100 label.progress=false
 	$(MAKE) --no-print-directory reproduce EXP="mini_shapes_mapper mini_shapes_oracle" ARGS="$(ARGS)"
 
 lint: install ## ruff check + format check

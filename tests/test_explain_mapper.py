@@ -236,14 +236,14 @@ def bind(node) -> None:
             bind(value)
 
 
-@pytest.mark.parametrize("data", ["instruct_fixture", "llava_json", "shapes"])
-def test_label_configs_compose_and_bind(data, tmp_path):
-    cfg = compose([f"data={data}", f"paths.outputs={tmp_path}", "model=tiny_llava"], "label")
+@pytest.mark.parametrize("source", ["instruct_fixture", "llava_json", "shapes"])
+def test_label_configs_compose_and_bind(source, tmp_path):
+    cfg = compose([f"source={source}", f"paths.outputs={tmp_path}", "model=tiny_llava"], "label")
     bind(cfg.label)
-    bind(cfg.data)
-    assert cfg.label.output_dir == f"{tmp_path}/labels/tiny_llava/{data}"
+    bind(cfg.source)
+    assert cfg.label.output_dir == f"{tmp_path}/labels/tiny_llava/{source}"
     assert cfg.label.only_correct is True  # the paper's filter is the default
-    instantiate(cfg.data)
+    instantiate(cfg.source)
     train = compose(
         ["model=tiny_llava", "reducer=explain_mapper", "train=mapper", f"paths.outputs={tmp_path}"], "train"
     )

@@ -93,7 +93,7 @@ def test_labels_train_evaluate_end_to_end(tiny_llava_path, tmp_path):
     done = run_module(
         "tokenprune.label",
         *common,
-        "data=instruct_fixture",
+        "source=instruct_fixture",
         "label.only_correct=false",
         "label.max_new_tokens=2",
         "label.progress=false",

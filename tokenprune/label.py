@@ -1,4 +1,4 @@
-"""`python -m tokenprune.label model=... data=...`: GAE relevance labels for the explainability mapper."""
+"""`python -m tokenprune.label model=... source=...`: GAE relevance labels for the explainability mapper."""
 
 import hydra
 from omegaconf import DictConfig

@@ -1,6 +1,6 @@
 """Relevance labels for the explainability mapper: `python -m tokenprune.label model=... data=...`.
 
-For every sample of a question-answer source (`configs/data/`), on the *unreduced* model:
+For every sample of a question-answer source (`configs/source/`), on the *unreduced* model:
 
 1. the model answers greedily (`label.max_new_tokens`); with `label.only_correct` a sample whose
    answer does not match the reference (`label.match`) is skipped and counted (the paper keeps
@@ -298,7 +298,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from tokenprune.reducers.baselines import NoReduction
 
     settings = instantiate(cfg.label)
-    data = instantiate(cfg.data)
+    data = instantiate(cfg.source)
     adapter = instantiate(cfg.model, reducer=NoReduction())
     picked = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     meta = {"model": picked.get("model", str(cfg.model.get("path", ""))), "data": picked.get("data", "")}
