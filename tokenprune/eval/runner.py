@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.config import choices
+from tokenprune.eval.bootstrap import doc_scores, paired_intervals, score_intervals
 from tokenprune.results import config_hash, finished, result_name, run_info, run_lock, write_result
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ def evaluate(
     }
     metrics = flatten_metrics(output["results"])
     metrics.update(aggregate_metrics(metrics, benchmark.aggregates))
+    scores = doc_scores(output.get("samples") or {})
     failures = [r for r in records if "failed" in r]
     answered = [r for r in records if "failed" not in r]
     kept = [r["visual_tokens"] for r in answered]
@@ -225,6 +227,8 @@ def evaluate(
         "eff": eff,
         "tasks": where,
         "coverage": coverage(output),
+        "bootstrap": score_intervals(scores, seed),
+        "doc_scores": scores,
     }
     if benchmark.compare_to_full:
         outcome.update(_compare_to_full(adapter, benchmark, specs, task_manager, seed, samples_path, outcome))
@@ -266,7 +270,7 @@ def _pass(
         batch_size=benchmark.batch_size,
         gen_kwargs=benchmark.gen_kwargs,
         bootstrap_iters=0,
-        log_samples=False,
+        log_samples=True,  # per-document scores for the bootstrap intervals (tokenprune.eval.bootstrap)
         task_manager=task_manager,
         # process_with_media=False: lmms-eval scores from the docs without decoding images again, so a
         # corrupt image fails its sample (recorded by our model) instead of the whole run.
@@ -336,7 +340,8 @@ def _compare_to_full(
         if full.get(key):
             metrics["pct_of_full/" + key.removeprefix("bench/")] = 100.0 * value / full[key]
     metrics.update(answer_agreement(reduced["samples"], records))
-    return {"metrics": metrics, "full_samples": records}
+    paired = paired_intervals(reduced["doc_scores"], doc_scores(output.get("samples") or {}), seed)
+    return {"metrics": metrics, "full_samples": records, "paired_vs_full": paired}
 
 
 def batch_samples_path(samples_path: str | os.PathLike, batch_size: int) -> Path:
@@ -497,6 +502,9 @@ def _evaluate_and_write(
         "failures": outcome["failures"],
         "samples_file": samples_file.name,
     }
+    result["bootstrap"] = outcome["bootstrap"]
+    if "paired_vs_full" in outcome:
+        result["paired_vs_full"] = outcome["paired_vs_full"]
     if "full_samples" in outcome:
         result["full_samples_file"] = samples_file.with_suffix(".full.jsonl").name
     if "batch_samples" in outcome:
