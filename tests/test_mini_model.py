@@ -142,14 +142,13 @@ def _visual_tokens(adapter: LlavaAdapter, reducer, images):
 
 
 def test_cls_attention_concentrates_on_object_patches(adapter):
-    images = [make_item(i, "test").image() for i in TOKEN_ITEMS]
+    images = [make_item(i, "test").image() for i in range(10)]
     attention = _visual_tokens(adapter, PruMerge(), images).signals["vit_cls_attn"]  # [B, 576]
-    mass, area = [], []
+    ratios = []
     for row, image in zip(attention, images):
         on = mini_vision.object_patches(image)  # [576] patches with object pixels
-        mass.append(float(row[on].sum() / row.sum()))
-        area.append(float(on.float().mean()))
-    assert min(m / a for m, a in zip(mass, area)) > 1.0 and np.mean(mass) > 3 * np.mean(area), (mass, area)
+        ratios.append(float(row[on].mean() / row[~on].mean()))
+    assert min(ratios) > 1.0 and sum(ratios) / len(ratios) > 3.0, ratios
 
 
 def test_prumerge_keeps_at_most_15_percent_growing_with_object_count(adapter):
@@ -251,7 +250,7 @@ def test_grounding_targets_name_the_right_objects():
     assert named["How many blue objects are there?"] == [1, 2]
     assert named["How many objects are there?"] == [0, 1, 2]
     assert named["What size is the blue square?"] == [1]
-    assert all(v == [] for t, v in named.items() if t.startswith(("Is the", "Which")))
+    assert all(named[t] == [] for t, q in by_text.items() if q.kind in ("position", "which"))
 
 
 @pytest.mark.parametrize("pattern", mini_language.DROP_PATTERNS)
@@ -290,10 +289,11 @@ TOY = [
     "recipe.lm_width=32", "recipe.lm_layers=3", "recipe.lm_mlp=64",
     "recipe.stage0_steps=3", "recipe.stage0_batch=2", "recipe.stage1_records=4", "recipe.stage1_batch=2",
     "recipe.stage1_rounds=2", "recipe.stage2_records=4", "recipe.stage2_batch=2", "recipe.drop_prob=1",
-    "recipe.heldout_items=2", "recipe.log_every=1", "recipe.threads=1",
+    "recipe.heldout_items=1", "recipe.log_every=1", "recipe.threads=1",
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_make_mini_model_entry_point_builds_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
     """`make mini-model`'s entry point end to end at toy size: 3 + 2 x 2 + 2 steps, atomic write, BUILD.json;
     then stage 2 again on that checkpoint (`init_from`), which records the loaded stages' times."""

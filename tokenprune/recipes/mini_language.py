@@ -16,8 +16,9 @@ vicuna_v1 template, labels on the answers).
   tokens are spliced at contiguous positions, as every reducer's are at evaluation.
   * **A grounding loss.** For a turn about named objects (existence with answer yes, colour, shape,
   size, and counts above zero) the attention of head 0 in `ground_layers` from the position that
-  predicts the answer is pulled onto those objects' kept patches: -log(attention mass on them),
-  weighted `ground_weight` for the first `ground_fraction` of the steps.
+  predicts the answer is pulled onto those objects' kept patches, and for an existence question
+  whose answer is no onto the sequence's first token (the attention sink: nothing matches):
+  -log(attention mass on them), weighted `ground_weight` for the first `ground_fraction` of the steps.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class Record:
 
     image: Any
     segments: list[tuple[str, bool]]
-    targets: list[torch.Tensor]  # per turn [576] bool (all False: no grounding target)
+    targets: list[torch.Tensor | None]  # per turn [576] bool (all False: none); None: the sink
     objects: torch.Tensor  # [576] bool, patches with an object pixel
 
 
@@ -157,7 +158,10 @@ def make_record(index: int, seed: int) -> Record:
     for user, _ in pairs:
         question = by_prompt[user.replace("<image>\n", "")]
         named = named_objects(item.scene, question)
-        targets.append(masks[named].any(0) if named else torch.zeros(GRID * GRID, dtype=torch.bool))
+        if question.kind == "existence" and question.answer == "no":
+            targets.append(None)  # nothing to find: the attention belongs on the sequence's first token
+        else:
+            targets.append(masks[named].any(0) if named else torch.zeros(GRID * GRID, dtype=torch.bool))
     return Record(image, render(pairs, 1, VICUNA_V1), targets, masks.any(0))
 
 
@@ -203,11 +207,14 @@ def grounding_loss(model, inputs: Any, hidden: torch.Tensor, layer: int, rows: l
     return torch.stack(losses).mean()
 
 
-def query_rows(inputs: Any, kept: Sequence[torch.Tensor], targets: Sequence[list[torch.Tensor]]) -> list:
-    """(sample, query position, key positions) per turn with a grounding target among the kept patches.
+def query_rows(
+    inputs: Any, kept: Sequence[torch.Tensor], targets: Sequence[list[torch.Tensor | None]]
+) -> list:
+    """(sample, query position, key positions) per turn with a grounding target.
 
     The query position is the one before each answer's first labelled token; the key positions are
-    the spliced places of the kept patches that belong to the named objects.
+    the spliced places of the kept patches that belong to the named objects, or for a question
+    about an absent object (target None) the sequence's first token (`<s>`, the attention sink).
     """
     rows = []
     labels = inputs.labels
@@ -217,7 +224,11 @@ def query_rows(inputs: Any, kept: Sequence[torch.Tensor], targets: Sequence[list
         queries = starts[b].nonzero().squeeze(1).tolist()
         if len(queries) != len(targets[b]):
             raise RuntimeError(f"{len(queries)} answers but {len(targets[b])} turns in sample {b}")
+        sink = int(inputs.attention_mask[b].nonzero()[0, 0])  # left padding: the first real token
         for query, target in zip(queries, targets[b]):
+            if target is None:
+                rows.append((b, query, torch.tensor([sink])))
+                continue
             on = target[kept[b]].nonzero().squeeze(1)  # places among the kept tokens
             if on.numel():
                 rows.append((b, query, firsts[b] + on))

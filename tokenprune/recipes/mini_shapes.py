@@ -91,8 +91,8 @@ class Recipe:
     stage2_warmup: int = 30
     drop_prob: float = 0.5  # share of batches whose images lose visual tokens
     drop_max: float = 0.8  # a dropping batch's images lose U(0, drop_max) of their tokens
-    ground_weight: float = 0.5  # grounding loss weight (0: off)
-    ground_fraction: float = 0.7  # the grounding loss runs for this share of stage 2's steps
+    ground_weight: float = 1.0  # grounding loss weight (0: off)
+    ground_fraction: float = 1.0  # the grounding loss runs for this share of stage 2's steps
     ground_layers: tuple[int, ...] = (1, 2)  # LM layers whose head 0 is grounded
     # a checkpoint of stages 0 + 1 with this recipe's knobs (e.g. the v1 build) to run stage 2 on
     init_from: str | None = None
