@@ -7,7 +7,10 @@ command), choices (config group options), config (fully resolved), metrics (`ben
 (`visual_tokens_mean/min/max`, `samples`, `failed_samples`, `wall_time_s`), eff (the efficiency
 meter's `eff/<name>` block, tokenprune/eval/meter.py), tasks (where each task's data came from),
 coverage (per task: documents `evaluated` and the task's `size`) and partial (true when some task
-was cut short by `benchmark.limit`; tables mark such results, `is_partial`), failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL) and, when tasks
+was cut short by `benchmark.limit`; tables mark such results, `is_partial`), failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL), bootstrap
+(per `bench/<task>/<metric>` with per-document scores: the 95% bootstrap interval over the task's
+documents, `low`, `high`, `n`), with compare_to_full paired_vs_full (the paired interval of reduced -
+full on the same documents: `diff`, `low`, `high`, `n`; tokenprune/eval/bootstrap.py) and, when tasks
 wrote submission files, artifacts (the sibling `<name>.files/` folder).
 """
 
