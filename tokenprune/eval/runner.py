@@ -184,7 +184,8 @@ def evaluate(
 
     Returns:
         {"metrics": {"bench/<task>/<metric>": value}, "samples": per-request records,
-         "failures": [...], "efficiency": {...}, "eff": {"eff/<name>": ...}, "tasks": {task: data info}}
+         "failures": [...], "efficiency": {...}, "eff": {"eff/<name>": ...}, "tasks": {task: data info},
+         "bootstrap": {metric key: 95% interval}, "doc_scores": {metric key: {doc_id: score}}}
         on rank 0; {} on other ranks.
     """
     from tokenprune.eval import meter

@@ -1,17 +1,18 @@
 """The recipe of the embedded miniature's model, `mini_shapes`: a small LLaVA trained on the shapes world.
 
     python -m tokenprune.recipes.mini_shapes                     # the shipped build (make mini-model)
-    python -m tokenprune.recipes.mini_shapes recipe.stage1_records=800 out=/tmp/mini   # a trial build
+    python -m tokenprune.recipes.mini_shapes recipe.stage2_records=400 out=/tmp/mini   # a trial build
 
 Its config is `configs/recipe/mini_shapes.yaml` (every knob of `Recipe`); design, costs and
 measured properties: docs/miniature.md. The build is
 
 1. a byte-level BPE tokenizer trained on `shapes_corpus()` (`tiny.train_tokenizer`'s code path);
 2. a `LlavaForConditionalGeneration` (CLIP tower, mlp2x_gelu projector, Llama LM) built from config;
-3. stage 0 (`mini_vision`): the CLIP tower alone with CLS heads, a per-patch head and the CLS
-   attention calibrated towards the objects' cores, on scenes streamed from the train split;
-4. stage 1 (`mini_language`): the tower frozen, projector + LM on streamed instruction records,
-   with visual-token drops and, for the first part, a grounding loss on the answer's attention;
+3. stage 0 (`mini_vision`): the CLIP tower alone with CLS heads and a per-patch head, on scenes
+   streamed from the train split;
+4. stage 1 (`mini_language`, the v1 recipe): the tower frozen, projector + LM for one epoch on the
+   train split's instruction JSON; stage 2: further streamed records with visual-token drops and a
+   grounding loss on the answer position's attention (`init_from` loads stages 0 + 1 instead);
 5. a held-out check on the val split (`mini_checks.heldout_report`), then `save_pretrained`
    (safetensors) + processor + `BUILD.json` into a staging folder renamed over the target.
 
