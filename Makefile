@@ -83,8 +83,8 @@ format: install ## ruff fix + format
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-mini-model: install ## rebuild the shipped mini_shapes checkpoint (<= 60 min on 2 CPU cores)
-	$(PY) scripts/make_mini_model.py $(ARGS)
+mini-model: install ## rebuild the shipped mini_shapes checkpoint (<= 60 min on 2 CPU cores; recipe: configs/recipe/mini_shapes.yaml)
+	$(PY) -m tokenprune.recipes.mini_shapes $(ARGS)
 
 bench: install ## run the speed/memory benchmarks in scripts/bench_*.py
 	@for script in scripts/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

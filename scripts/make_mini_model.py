@@ -1,15 +1,15 @@
-"""Rebuild the shipped `mini_shapes` checkpoint (models/mini_shapes): tokenizer, stage 0, stage 1, check.
+"""Rebuild the shipped `mini_shapes` checkpoint (models/mini_shapes): the same as `make mini-model`.
 
-    python scripts/make_mini_model.py                 # the shipped recipe (make mini-model)
-    python scripts/make_mini_model.py --help          # every knob of tokenprune.models.mini.Recipe
+    python scripts/make_mini_model.py                               # the shipped recipe
+    python scripts/make_mini_model.py recipe.stage2_records=400 out=/tmp/mini   # Hydra overrides
 
-The recipe, its costs and the measured results are in docs/miniature.md; the build itself is
-`tokenprune.models.mini.build`.
+The recipe is `tokenprune.recipes.mini_shapes` with its config `configs/recipe/mini_shapes.yaml`;
+design, costs and measured properties: docs/miniature.md.
 """
 
 from __future__ import annotations
 
-from tokenprune.models.mini import main
+from tokenprune.recipes.mini_shapes import main
 
 if __name__ == "__main__":
     main()

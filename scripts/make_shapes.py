@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "tokenprune" / "eval" / "tasks" / "shapes" / "data"
 DEFAULT_TRAIN_OUT = ROOT / "outputs" / "shapes"  # git-ignored
-# The bundled test split: 120 POPE + 120 VQAv2 + 60 multiple-choice questions over 60 images.
-POPE_IMAGES, VQA_QUESTIONS, MC_QUESTIONS = 20, 120, 60
+# The bundled test split: 600 POPE + 1,000 VQAv2 + 200 multiple-choice questions over 250 images.
+POPE_IMAGES, VQA_QUESTIONS, MC_QUESTIONS = 100, 1000, 200
 
 
 def make_shapes(

@@ -24,7 +24,7 @@ import torch
 
 from tokenprune.config import PROJECT_ROOT, compose
 from tokenprune.data.shapes import make_item
-from tokenprune.models.mini import GRID, object_patches
+from tokenprune.recipes.mini_vision import GRID, object_patches
 from tokenprune.results import atomic_write_text
 
 REDUCERS = ("prumerge", "prumerge_plus")

@@ -22,16 +22,12 @@ LAYERS: list[set[str]] = [
     {"data", "explain", "fitting", "stages"},  # data, GAE labels + the mapper's fit, Lightning pieces, saving
     {"eval"},
     {"train"},  # fits, then evaluates (imports eval; eval never imports train)
-    # entry points; `recipes` (issue-17: the miniature's build recipe, `python -m tokenprune.recipes...`)
+    # entry points; `recipes`: the miniature's build recipe (`python -m tokenprune.recipes.mini_shapes`)
     {"tables", "cli", "label", "visualize", "recipes", "__main__"},
 ]
 
 # Known back-edges, each with the change that removes it. Delete an entry when its edge is gone.
-ALLOWED: dict[tuple[str, str], str] = {
-    # the miniature's build recipe imports the shapes world and instruction data from models/:
-    # moved to tokenprune/recipes by issue-17 (delete these entries at that merge)
-    ("tokenprune.models.mini", "data"): "moved to tokenprune/recipes by issue-17",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

@@ -1,32 +1,39 @@
-"""The shipped `mini_shapes` checkpoint (models/mini_shapes) and the pieces of its build (make mini-model)."""
+"""The shipped `mini_shapes` checkpoint (models/mini_shapes): the properties it exists to show, measured
+here on held-out test scenes, and the pieces of its build (make mini-model) at toy size.
+
+The property thresholds are the design targets of issue 17 (docs/miniature.md §3); a property the
+shipped model misses is a strict xfail carrying the measured value.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-import runpy
 import sys
-from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tokenprune.config import PROJECT_ROOT, compose
-from tokenprune.data.shapes import Obj, Scene, make_item, render, shapes_corpus
-from tokenprune.models import mini
+from tokenprune.data.shapes import Obj, Scene, all_questions, make_item, render, shapes_corpus
+from tokenprune.eval.bootstrap import paired_bootstrap
 from tokenprune.models.llava import LLAVA15_PROMPT, LlavaAdapter
+from tokenprune.recipes import mini_checks, mini_language, mini_shapes, mini_vision
+from tokenprune.reducers.baselines import NoReduction
 from tokenprune.reducers.prumerge import PruMerge, PruMergePlus
 
 SHIPPED = PROJECT_ROOT / "models" / "mini_shapes"
-# Test-split items 0-9 (never trained on) for the attention and token checks.
-TEST_ITEMS = range(10)
-
+# Test-split items (never trained on): 30 scenes = 180 POPE questions + every colour question (~60).
+PROPERTY_ITEMS = range(30)
+TOKEN_ITEMS = range(40)  # for PruMerge's kept counts and the CLS attention
 
 needs_shipped = pytest.mark.skipif(
     not (SHIPPED / "config.json").exists(),
-    reason="models/mini_shapes is not built yet: run `make mini-model` (issue 5)",
+    reason="models/mini_shapes is not built yet: run `make mini-model`",
 )
 
 
@@ -34,15 +41,41 @@ needs_shipped = pytest.mark.skipif(
 def adapter() -> LlavaAdapter:
     """The shipped checkpoint, composed and instantiated exactly as `model=mini_shapes` runs."""
     if not (SHIPPED / "config.json").exists():
-        pytest.skip("models/mini_shapes is not built yet: run `make mini-model` (issue 5)")
+        pytest.skip("models/mini_shapes is not built yet: run `make mini-model`")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     cfg = compose(["model=mini_shapes", "reducer=none"])
-    return instantiate(cfg.model, reducer=instantiate(cfg.reducer), device="cpu")
+    yield instantiate(cfg.model, reducer=instantiate(cfg.reducer), device="cpu")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def questions() -> dict[str, dict[str, list]]:
+    items = [make_item(i, "test") for i in PROPERTY_ITEMS]
+    return {
+        "seen": mini_checks.grounding_questions(items),
+        "blind": mini_checks.grounding_questions(items, blind=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def unreduced(adapter, questions) -> dict[str, dict[str, np.ndarray]]:
+    """Per kind, 0/1 per question: with the right images and with images shuffled across questions."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for view, by_kind in questions.items():
+        for kind, kind_questions in by_kind.items():
+            answers, kept = mini_checks.answer(adapter, NoReduction(), kind_questions)
+            assert set(kept) == {576}
+            out.setdefault(view, {})[kind] = mini_checks.correct(answers, kind_questions)
+            if kind == "existence":
+                out[view]["pope_f1"] = np.array([mini_checks.pope_f1(answers, kind_questions)])
+    return out
 
 
 def test_config_loads_the_shipped_folder_with_the_training_prompt():
     cfg = compose(["model=mini_shapes"])
     assert cfg.model.path == str(SHIPPED) and cfg.model.build is None
-    assert cfg.model.prompt == LLAVA15_PROMPT  # the prompt stage 1 was trained with (vicuna_v1)
+    assert cfg.model.prompt == LLAVA15_PROMPT  # the prompt stages 1 and 2 were trained with (vicuna_v1)
     assert cfg.model.image_aspect == "pad" and cfg.model.dtype == "float32"
 
 
@@ -54,13 +87,14 @@ def test_shipped_folder_is_small_safetensors_with_its_build_record():
     weights = load_file(SHIPPED / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in weights.values())
     build = json.loads((SHIPPED / "BUILD.json").read_text())
-    assert build["recipe"]["seed"] == 0 and "make_mini_model.py" in build["command"]
-    assert set(build["seconds"]) >= {"stage0", "stage1", "total"}
-    heldout = build["heldout"]  # measured by the build on 60 val scenes (docs/miniature.md §3)
-    assert heldout["accuracy"]["all"] >= 0.45 and heldout["accuracy"]["color"] >= 0.4
-    assert heldout["cls_attention"]["object_mass"] > 3 * heldout["cls_attention"]["object_area"]
-    assert heldout["kept_tokens_mean"]["prumerge"] <= 0.15 * 576
-    assert heldout["prumerge_kept_vs_objects_corr"] >= 0.8
+    assert build["command"].startswith("python -m tokenprune.recipes.mini_shapes")
+    assert build["recipe"]["seed"] == 0 and build["stage2"]["steps"] > 0
+    config = OmegaConf.to_container(compose(config_name="recipe/mini_shapes").recipe)
+    run_only = ("init_from", "log_every")  # the shipped build ran stage 2 on the v1 checkpoint
+    assert {k: v for k, v in build["recipe"].items() if k not in run_only} == {
+        k: v for k, v in config.items() if k not in run_only
+    }  # the config's knobs are the shipped build's
+    assert build["seconds"]["total_with_init"] <= 3600
 
 
 def test_processor_and_tokenizer_round_trip(adapter):
@@ -71,8 +105,7 @@ def test_processor_and_tokenizer_round_trip(adapter):
         ids = tokenizer(line)["input_ids"]
         assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids, skip_special_tokens=True) == line.replace("<image>", "")
-    # every word of the world is one token
-    assert len(tokenizer(" red circle", add_special_tokens=False)["input_ids"]) == 2
+    assert len(tokenizer(" red circle", add_special_tokens=False)["input_ids"]) == 2  # one token a word
     image = make_item(0, "test").image()
     prompt = adapter.format_prompt("What color is the star?", 1)
     inputs = adapter.processor(images=[image], text=[prompt], return_tensors="pt")
@@ -81,25 +114,41 @@ def test_processor_and_tokenizer_round_trip(adapter):
     torch.testing.assert_close(adapter.preprocess([image]), inputs["pixel_values"])
 
 
-def test_answers_held_out_attribute_questions_above_the_majority_answer(adapter):
-    """Colour and shape questions of test scenes 0-19, greedy: measured 19/34 (docs/miniature.md §3).
-    Existence questions are answered with yes/no but at chance (the LM does not ground objects)."""
-    questions, images, truths, kinds = [], [], [], []
-    for index in range(20):
-        item = make_item(index, "test")
-        for question in item.questions:
-            if question.kind in ("color", "shape", "existence"):
-                questions.append(question.prompt)
-                images.append([item.image()])
-                truths.append(question.answer)
-                kinds.append(question.kind)
-    answers, kept = adapter.generate(questions, images, max_new_tokens=8)
-    assert kept == [576] * len(questions)
-    attribute = [(a, t) for a, t, k in zip(answers, truths, kinds) if k != "existence"]
-    accuracy = sum(a == t for a, t in attribute) / len(attribute)
-    majority = max(Counter(t for _, t in attribute).values()) / len(attribute)
-    assert accuracy >= majority + 0.15, (accuracy, majority, attribute)
-    assert {a for a, k in zip(answers, kinds) if k == "existence"} <= {"yes", "no"}
+# ------------------------------------------------------------------ properties of the shipped model
+MISSED = "docs/miniature.md §3: the v2 LM does not ground objects"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason=f"measured POPE F1 0.53 (accuracy 0.50) and colour accuracy 0.40 (58 questions); {MISSED}",
+)
+def test_unreduced_model_grounds_existence_and_colour(unreduced):
+    """Design targets: POPE F1 >= 0.85 and colour accuracy >= 0.85 on held-out test scenes."""
+    assert unreduced["seen"]["pope_f1"][0] >= 0.85, unreduced["seen"]["pope_f1"]
+    assert unreduced["seen"]["color"].mean() >= 0.85, unreduced["seen"]["color"].mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param(
+            "existence",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=f"measured 0.50 with the image and 0.50 blind, paired [-0.10, 0.10]; {MISSED}",
+            ),
+        ),
+        "color",  # measured 0.40 with the image, 0.16 blind: +0.24, paired [0.10, 0.40]
+    ],
+)
+def test_answers_depend_on_the_image_not_on_the_question_alone(unreduced, kind):
+    """The image-blind control: the same questions with every image swapped for another scene's.
+    The model must do clearly better with the right image (paired bootstrap over questions)."""
+    seen, blind = unreduced["seen"][kind], unreduced["blind"][kind]
+    diff, low, _ = paired_bootstrap(seen, blind)
+    assert diff >= 0.2 and low > 0, (kind, seen.mean(), blind.mean(), diff, low)
 
 
 def _visual_tokens(adapter: LlavaAdapter, reducer, images):
@@ -112,97 +161,227 @@ def _visual_tokens(adapter: LlavaAdapter, reducer, images):
 
 
 def test_cls_attention_concentrates_on_object_patches(adapter):
-    images = [make_item(i, "test").image() for i in TEST_ITEMS]
+    images = [make_item(i, "test").image() for i in range(10)]
     attention = _visual_tokens(adapter, PruMerge(), images).signals["vit_cls_attn"]  # [B, 576]
     ratios = []
     for row, image in zip(attention, images):
-        on = mini.object_patches(image)  # [576] patches with object pixels
+        on = mini_vision.object_patches(image)  # [576] patches with object pixels
         ratios.append(float(row[on].mean() / row[~on].mean()))
-    # measured on the shipped model: see docs/miniature.md §3
     assert min(ratios) > 1.0 and sum(ratios) / len(ratios) > 3.0, ratios
 
 
-@pytest.mark.parametrize("reducer", [PruMerge(), PruMergePlus()], ids=["prumerge", "prumerge_plus"])
-def test_prumerge_keeps_fewer_tokens_than_the_grid(adapter, reducer):
-    images = [make_item(i, "test").image() for i in TEST_ITEMS]
-    kept = reducer(_visual_tokens(adapter, reducer, images)).lengths.float()  # [B]
-    assert kept.min() >= 1
-    if isinstance(reducer, PruMerge):
-        assert kept.max() < 576 and kept.mean() <= 0.15 * 576
-    else:  # the adaptive stride reaches 1 (every token) on crowded scenes: docs/miniature.md §3
-        assert kept.max() <= 576 and kept.mean() < 0.75 * 576
+def test_prumerge_keeps_at_most_15_percent_growing_with_object_count(adapter):
+    items = [make_item(i, "test") for i in TOKEN_ITEMS]
+    reducer = PruMerge()
+    kept = reducer(_visual_tokens(adapter, reducer, [item.image() for item in items])).lengths.float()
+    objects = [len(item.scene.objects) for item in items]
+    assert kept.min() >= 1 and kept.mean() <= 0.15 * 576, kept
+    assert np.corrcoef(kept.numpy(), objects)[0, 1] >= 0.8
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PruMerge+ keeps 54% of the tokens on mini_shapes (LLaVA-1.5: ~25%): the tower's CLS-attention "
+    "outliers cover ~12% of the patches (LLaVA: ~5.5%), so the adaptive stride is 2 or 1; the v2 build "
+    "keeps v1's tower (docs/miniature.md §3)",
+)
+def test_prumerge_plus_keeps_about_a_quarter_of_the_tokens(adapter):
+    reducer = PruMergePlus()
+    images = [make_item(i, "test").image() for i in TOKEN_ITEMS]
+    kept = reducer(_visual_tokens(adapter, reducer, images)).lengths.float()
+    assert kept.mean() <= 0.35 * 576, kept.mean()
+
+
+@pytest.fixture(scope="module")
+def reduced(adapter, questions) -> dict[tuple[str, str], np.ndarray]:
+    """(reducer, kind) -> 0/1 per question; random / uniform keep exactly as many tokens per image
+    as the PruMerge variant they are matched with ("random@prumerge")."""
+    out = {}
+    for kind, kind_questions in questions["seen"].items():
+        for name, reducer in (("prumerge", PruMerge()), ("prumerge_plus", PruMergePlus())):
+            answers, kept = mini_checks.answer(adapter, reducer, kind_questions)
+            out[name, kind] = mini_checks.correct(answers, kind_questions)
+            for baseline in ("random", "uniform"):
+                matched = mini_checks.matched(baseline)
+                answers, counts = mini_checks.answer(adapter, matched, kind_questions, budgets=kept)
+                assert counts == kept
+                out[f"{baseline}@{name}", kind] = mini_checks.correct(answers, kind_questions)
+    return out
+
+
+# Measured on the shipped model (test scenes 0-29): method - baseline, paired bootstrap 95% interval.
+MEASURED = {
+    ("prumerge", "random", "existence"): "0.50 vs 0.50: +0.00 [-0.10, 0.10]",
+    ("prumerge", "uniform", "existence"): "0.50 vs 0.50: +0.00 [-0.09, 0.10]",
+    ("prumerge_plus", "random", "existence"): "0.50 vs 0.50: +0.00 [-0.06, 0.06]",
+    ("prumerge_plus", "uniform", "existence"): "0.50 vs 0.50: +0.00 [-0.05, 0.05]",
+    ("prumerge", "random", "color"): "0.43 vs 0.45: -0.02 [-0.16, 0.10]",
+    ("prumerge", "uniform", "color"): "0.43 vs 0.45: -0.02 [-0.17, 0.14]",
+    ("prumerge_plus", "random", "color"): "0.52 vs 0.41: +0.10 [-0.07, 0.26]",
+    ("prumerge_plus", "uniform", "color"): "0.52 vs 0.41: +0.10 [-0.05, 0.26]",
+}
+COMPARISONS = [
+    pytest.param(
+        method,
+        baseline,
+        kind,
+        id=f"{method}-vs-{baseline}-{kind}",
+        marks=pytest.mark.xfail(strict=True, reason=f"measured {MEASURED[method, baseline, kind]}; {MISSED}"),
+    )
+    for method in ("prumerge", "prumerge_plus")
+    for baseline in ("random", "uniform")
+    for kind in ("existence", "color")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "baseline", "kind"), COMPARISONS)
+def test_prumerge_beats_content_blind_baselines_at_equal_token_counts(reduced, method, baseline, kind):
+    """Training-free: the paired bootstrap 95% interval of (method - baseline) excludes zero."""
+    ours, theirs = reduced[method, kind], reduced[f"{baseline}@{method}", kind]
+    diff, low, high = paired_bootstrap(ours, theirs)
+    assert low > 0, (ours.mean(), theirs.mean(), diff, low, high)
 
 
 # ------------------------------------------------------------------------ the build, at toy size
 def test_object_patches_on_a_hand_built_scene():
     # a small red square at (8, 8): pixels 8..19 on both axes = patches 2..4; clutter is grey
     scene = Scene((Obj("square", "red", "small", 8, 8),), 240, ((0, 60, 95, 60, 150),), ((50, 50, 2, 160),))
-    mask = mini.object_patches(render(scene)).reshape(24, 24)
+    image = render(scene)
     want = torch.zeros(24, 24, dtype=torch.bool)
     want[2:5, 2:5] = True
-    assert torch.equal(mask, want)
+    assert torch.equal(mini_vision.object_patches(image).reshape(24, 24), want)
+    assert torch.equal(mini_vision.object_masks(scene, image).reshape(1, 24, 24), want[None])
 
 
 def test_scene_stream_matches_the_train_split_and_is_deterministic():
-    images, presence, counts, _ = mini.scene_batch(seed=0, start=5, n=3)
-    again = mini.scene_batch(seed=0, start=5, n=3)
-    assert torch.equal(presence, again[1]) and torch.equal(counts, again[2])
+    images, presence, counts, patches = mini_vision.scene_batch(seed=0, start=5, n=3)
+    again = mini_vision.scene_batch(seed=0, start=5, n=3)
+    assert (
+        torch.equal(presence, again[1]) and torch.equal(counts, again[2]) and torch.equal(patches, again[3])
+    )
     for k, image in enumerate(images):
         item = make_item(5 + k, "train")
         assert image.tobytes() == item.image().tobytes()
         assert int(counts[k]) == len(item.scene.objects) - 1
         assert int(presence[k].sum()) == len(item.scene.present())
+        assert torch.equal(patches[k] > 0, mini_vision.object_patches(image))
+
+
+def test_grounding_targets_name_the_right_objects():
+    scene = Scene(
+        (
+            Obj("circle", "red", "small", 4, 4),
+            Obj("square", "blue", "large", 40, 40),
+            Obj("circle", "blue", "small", 70, 10),
+        )
+    )
+    by_text = {q.text: q for q in all_questions(scene)}
+    named = {text: mini_language.named_objects(scene, q) for text, q in by_text.items()}
+    assert named["Is there a red circle in the image?"] == [0]
+    assert named["Is there a green circle in the image?"] == []  # answer no: nothing to ground
+    assert named["What color is the square?"] == [1]
+    assert named["What shape is the red object?"] == [0]
+    assert named["How many circles are there?"] == [0, 2]
+    assert named["How many blue objects are there?"] == [1, 2]
+    assert named["How many objects are there?"] == [0, 1, 2]
+    assert named["What size is the blue square?"] == [1]
+    assert all(named[t] == [] for t, q in by_text.items() if q.kind in ("position", "which"))
+
+
+@pytest.mark.parametrize("pattern", mini_language.DROP_PATTERNS)
+def test_drop_patterns_keep_exactly_the_budget_in_raster_order(pattern):
+    objects = torch.zeros(576, dtype=torch.bool)
+    objects[100:130] = True
+    for keep in (1, 20, 30, 300, 575):
+        kept = mini_language.drop_indices(pattern, keep, objects, torch.Generator().manual_seed(0))
+        assert kept.numel() == keep and torch.equal(kept, kept.unique())  # sorted, no repeats
+        if pattern == "object":  # object patches first
+            assert int(objects[kept].sum()) == min(keep, 30)
+
+
+def test_grounding_loss_is_the_layers_own_attention(tiny_llava):
+    """The recomputed head-0 attention equals what the layer computes (eager attention weights)."""
+    adapter = tiny_llava
+    model = adapter.model
+    model.config.text_config._attn_implementation = "eager"
+    model.model.language_model.config._attn_implementation = "eager"
+    try:
+        inputs = adapter.prepare(["Is there a red circle?"], [[render(make_item(0).scene)]])
+        with torch.no_grad():
+            out = model(**inputs.as_kwargs(), output_hidden_states=True, output_attentions=True)
+            query = inputs.input_ids.shape[1] - 1
+            keys = torch.tensor([3, 7])
+            loss = mini_language.grounding_loss(model, inputs, out.hidden_states[1], 1, [(0, query, keys)])
+        want = -out.attentions[1][0, 0, query, keys].sum().log()
+        torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
+    finally:
+        model.config.text_config._attn_implementation = "sdpa"
+        model.model.language_model.config._attn_implementation = "sdpa"
 
 
 TOY = [
-    "--vision-width", "32", "--vision-layers", "2", "--vision-mlp", "64",
-    "--lm-width", "32", "--lm-layers", "2", "--lm-mlp", "64",
-    "--stage0-steps", "3", "--stage0-batch", "2", "--stage1-records", "4", "--stage1-batch", "2",
-    "--stage1-rounds", "2",
-    "--heldout-items", "1", "--log-every", "1", "--threads", "1",
+    "recipe.vision_width=32", "recipe.vision_layers=2", "recipe.vision_mlp=64",
+    "recipe.lm_width=32", "recipe.lm_layers=3", "recipe.lm_mlp=64",
+    "recipe.stage0_steps=3", "recipe.stage0_batch=2", "recipe.stage1_records=4", "recipe.stage1_batch=2",
+    "recipe.stage1_rounds=2", "recipe.stage2_records=4", "recipe.stage2_batch=2", "recipe.drop_prob=1",
+    "recipe.heldout_items=1", "recipe.log_every=1", "recipe.threads=1",
 ]  # fmt: skip
 
 
-def test_make_mini_model_script_builds_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
-    """The `make mini-model` script end to end at toy size: 3 + 2 x 2 steps, atomic write, BUILD.json."""
+@pytest.mark.slow
+def test_make_mini_model_entry_point_builds_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
+    """`make mini-model`'s entry point end to end at toy size: 3 + 2 x 2 + 2 steps, atomic write, BUILD.json;
+    then stage 2 again on that checkpoint (`init_from`), which records the loaded stages' times."""
     makefile = (PROJECT_ROOT / "Makefile").read_text()
-    assert re.search(r"^mini-model: install ## .+\n\t\$\(PY\) scripts/make_mini_model.py", makefile, re.M)
+    assert re.search(
+        r"^mini-model: install ## .+\n\t\$\(PY\) -m tokenprune.recipes.mini_shapes", makefile, re.M
+    )
     out = tmp_path / "models" / "mini_shapes"
-    argv = ["make_mini_model.py", "--out", str(out), "--data-dir", str(tmp_path / "data"), *TOY]
-    monkeypatch.setattr(sys, "argv", argv)
     threads = torch.get_num_threads()
     try:
-        runpy.run_path(str(PROJECT_ROOT / "scripts" / "make_mini_model.py"), run_name="__main__")
+        for argv in ([f"out={out}"], [f"out={out}_2", f"recipe.init_from={out}"]):
+            monkeypatch.setattr(sys, "argv", ["mini_shapes.py", f"hydra.run.dir={tmp_path}/run", *argv, *TOY])
+            mini_shapes.main()
     finally:
         torch.set_num_threads(threads)
     log = capsys.readouterr().out
-    assert "[stage0] step 3/3" in log and "[stage1] round 2/2 step 2/2" in log and "elapsed" in log
-    assert sorted(p.name for p in out.parent.iterdir()) == ["mini_shapes"]  # no staging left over
+    assert "[stage0] step 3/3" in log and "[stage1] round 2/2 step 2/2" in log and "[stage2] step 2/2" in log
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mini_shapes", "mini_shapes_2"]  # no staging
     build = json.loads((out / "BUILD.json").read_text())
     assert build["recipe"]["stage0_steps"] == 3 and build["stage1"]["steps"] == 4  # 2 rounds x 2 steps
-    assert [r["records"] for r in build["stage1"]["rounds"]] == [4, 4]
-    assert set(build["heldout"]["accuracy"]) >= {"existence", "color", "all"}
+    assert [r["records"] for r in build["stage1"]["rounds"]] == [4, 4] and build["stage2"]["steps"] == 2
+    assert set(build["heldout"]["grounding"]) >= {"existence", "color", "pope_f1", "color_image_blind"}
+    again = json.loads((tmp_path / "models" / "mini_shapes_2" / "BUILD.json").read_text())
+    assert again["stage1"]["from"] == str(out) and again["seconds"]["stage0"] == build["seconds"]["stage0"]
+    assert again["seconds"]["total_with_init"] > again["seconds"]["total"]
     loaded = LlavaAdapter.from_pretrained(str(out), dtype="float32", device="cpu", image_aspect="pad")
     assert loaded.model.config.vision_config.hidden_size == 32
     assert loaded.model.config._attn_implementation == "sdpa"
 
 
+def test_unknown_recipe_knob_is_named():
+    with pytest.raises(ValueError, match=r"unknown recipe knobs \['stage3_steps'\]"):
+        mini_shapes.Recipe.from_config({"stage3_steps": 1})
+
+
 def test_stage0_is_deterministic_given_the_seed():
-    recipe = mini.Recipe(
+    recipe = mini_shapes.Recipe(
         vision_width=32, vision_layers=2, vision_mlp=64, lm_width=32, lm_layers=2, lm_mlp=64,
         stage0_steps=2, stage0_batch=2, threads=1,
     )  # fmt: skip
-    tokenizer = mini.build_tokenizer(recipe)
-    processor = mini.build_processor(tokenizer)
+    tokenizer = mini_shapes.build_tokenizer(recipe)
+    processor = mini_shapes.build_processor(tokenizer)
     threads = torch.get_num_threads()
     towers = []
     try:
         torch.set_num_threads(1)
         for _ in range(2):
             torch.manual_seed(recipe.seed)
-            model = mini.build_model(recipe, tokenizer)
+            model = mini_shapes.build_model(recipe, tokenizer)
+            adapter = LlavaAdapter(model, processor, prompt=LLAVA15_PROMPT, image_aspect="pad")
             torch.manual_seed(recipe.seed + 1)
-            mini.train_stage0(model, processor, recipe, log=lambda line: None)
+            mini_vision.train_stage0(model, adapter.preprocess, recipe, log=lambda line: None)
             towers.append(model.model.vision_tower.state_dict())
     finally:
         torch.set_num_threads(threads)
@@ -214,7 +393,8 @@ def test_stage0_is_deterministic_given_the_seed():
 @pytest.mark.integration
 def test_default_train_job_fits_lora_with_prumerge_plus_and_compares_with_full(tmp_path):
     """`make run`'s job (python -m tokenprune.train reducer=prumerge_plus), shortened: 2 LoRA steps
-    on 4 fresh scenes, 2 questions per task; the printed table holds reduced | full | % full."""
+    on 4 fresh scenes, 2 questions per task; the printed table holds reduced | full | % full, and the
+    result holds the per-task bootstrap intervals and the paired intervals against the full model."""
     import subprocess
 
     args = ["reducer=prumerge_plus", f"paths.outputs={tmp_path}", "train.trainer.max_steps=2"]
@@ -237,5 +417,14 @@ def test_default_train_job_fits_lora_with_prumerge_plus_and_compares_with_full(t
     metrics = result["metrics"]
     for task in ("shapes_pope", "shapes_vqa", "shapes_mc"):
         assert any(k.startswith(f"full/{task}/") for k in metrics), task
+    for key in (
+        "bench/shapes_pope/pope_accuracy",
+        "bench/shapes_pope/pope_f1_score",
+        "bench/shapes_vqa/exact_match",
+    ):
+        interval = result["bootstrap"][key]
+        assert interval["n"] == 2 and interval["low"] <= metrics[key] <= interval["high"], key
+    paired = result["paired_vs_full"]["bench/shapes_vqa/exact_match"]
+    assert paired["low"] <= paired["diff"] <= paired["high"] and paired["n"] == 2
     assert 0 < result["efficiency"]["visual_tokens_mean"] < 576
     assert "reduced" in run.stdout and "% full" in run.stdout and "bench/shapes_vqa/exact_match" in run.stdout

@@ -415,13 +415,13 @@ def test_tasks_load_with_real_schemas_and_training_prompts(shapes_tasks: dict[st
         sizes[name] = len(docs)
         (visual,) = task.doc_to_visual(docs[0])
         assert isinstance(visual, Image.Image) and visual.size == (96, 96) and visual.mode == "RGB"
-    assert sizes == {"shapes_pope": 120, "shapes_vqa": 120, "shapes_mc": 60}
+    assert sizes == {"shapes_pope": 600, "shapes_vqa": 1000, "shapes_mc": 200}
     pope, vqa = (shapes_tasks[n].test_docs_no_media() for n in ("shapes_pope", "shapes_vqa"))
-    assert sorted(set(pope["category"])) == list(S.POPE_CATEGORIES) and pope["answer"].count("yes") == 60
+    assert sorted(set(pope["category"])) == list(S.POPE_CATEGORIES) and pope["answer"].count("yes") == 300
     assert {t: vqa["answer_type"].count(t) for t in ("yes/no", "number", "other")} == {
         "yes/no": vqa["question_type"].count("is the"),
         "number": vqa["question_type"].count("how many"),
-        "other": 120 - vqa["question_type"].count("is the") - vqa["question_type"].count("how many"),
+        "other": 1000 - vqa["question_type"].count("is the") - vqa["question_type"].count("how many"),
     }
     assert min(vqa["question_type"].count(t) for t in ("how many", "is the", "which is")) >= 15
     # the eval prompt of every multiple-choice doc is the prompt the training data uses
@@ -439,9 +439,9 @@ def test_scoring_uses_lmms_eval_metrics(shapes_tasks: dict[str, Any]) -> None:
     truth = list(pope.test_docs_no_media()["answer"])
     perfect = {"pope_accuracy": 1.0, "pope_precision": 1.0, "pope_recall": 1.0, "pope_f1_score": 1.0}
     assert _scores(pope, truth) == {**perfect, "pope_yes_ratio": 0.5}
-    assert _scores(pope, ["no"] * 120)["pope_accuracy"] == 0.5
-    assert _scores(pope, ["no"] * 120)["pope_f1_score"] == 0.0
-    assert _scores(pope, ["yes"] * 120)["pope_f1_score"] == pytest.approx(2 / 3)
+    assert _scores(pope, ["no"] * 600)["pope_accuracy"] == 0.5
+    assert _scores(pope, ["no"] * 600)["pope_f1_score"] == 0.0
+    assert _scores(pope, ["yes"] * 600)["pope_f1_score"] == pytest.approx(2 / 3)
 
     vqa = shapes_tasks["shapes_vqa"]
     docs = vqa.test_docs_no_media()

@@ -9,7 +9,10 @@ prefix: `visual_tokens_mean/min/max`, `samples`, `failed_samples`, FLOPs, times,
 `wall_time_s`; read it with `efficiency(result)`, which also reads files written before the block was
 one: those have a short `efficiency` summary beside an `eff` block of `eff/<name>` keys), tasks (where each task's data came from),
 coverage (per task: documents `evaluated` and the task's `size`) and partial (true when some task
-was cut short by `benchmark.limit`; tables mark such results, `is_partial`), failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL) and, when tasks
+was cut short by `benchmark.limit`; tables mark such results, `is_partial`), failures (per failed sample: task, doc_id, reason), samples_file (the sibling JSONL), bootstrap
+(per `bench/<task>/<metric>` with per-document scores: the 95% bootstrap interval over the task's
+documents, `low`, `high`, `n`), with compare_to_full paired_vs_full (the paired interval of reduced -
+full on the same documents: `diff`, `low`, `high`, `n`; tokenprune/eval/bootstrap.py) and, when tasks
 wrote submission files, artifacts (the sibling `<name>.files/` folder).
 """
 

@@ -35,7 +35,6 @@ from torch.utils.data import Dataset, Sampler
 
 from tokenprune.data.images import strict_decoding
 from tokenprune.templates import IMAGE, ConversationTemplate
-from tokenprune.templates import VICUNA_V1 as VICUNA_V1  # re-exported for models/mini.py (issue-17 moves it)
 
 log = logging.getLogger(__name__)
 

@@ -545,7 +545,7 @@ def make_split(
 
 def shapes_corpus() -> list[str]:
     """Every question template, answer and option text of the world (a tokenizer training corpus)."""
-    from tokenprune.models.llava import LLAVA15_SYSTEM
+    from tokenprune.templates import LLAVA15_SYSTEM
 
     names = [f"{c} {s}" for c, s in PAIRS]
     lines = [LLAVA15_SYSTEM + " USER: <image>", "ASSISTANT:", SHORT_ANSWER.strip(), MC_ANSWER.strip()]

@@ -43,9 +43,9 @@ MC_CATEGORIES = {
 def eval_rows(
     split: str = "test",
     seed: int = 0,
-    pope_images: int = 20,
-    vqa_questions: int = 120,
-    mc_questions: int = 60,
+    pope_images: int = 100,
+    vqa_questions: int = 1000,
+    mc_questions: int = 200,
     vqa_per_image: int = 4,
     config: WorldConfig | None = None,
 ) -> dict[str, dict[str, list[Any]]]:
@@ -135,9 +135,9 @@ def write_eval_parquet(
     out: str | Path,
     split: str = "test",
     seed: int = 0,
-    pope_images: int = 20,
-    vqa_questions: int = 120,
-    mc_questions: int = 60,
+    pope_images: int = 100,
+    vqa_questions: int = 1000,
+    mc_questions: int = 200,
     config: WorldConfig | None = None,
 ) -> list[Path]:
     """Write pope.parquet, vqav2.parquet, scienceqa.parquet (the real datasets' schemas) into `out`."""

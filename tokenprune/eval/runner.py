@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.config import choices
+from tokenprune.eval.bootstrap import doc_scores, paired_intervals, score_intervals
 from tokenprune.results import (
     config_hash,
     efficiency,
@@ -192,7 +193,8 @@ def evaluate(
 
     Returns:
         {"metrics": {"bench/<task>/<metric>": value}, "samples": per-request records,
-         "failures": [...], "efficiency": {<the meter's figures, without eff/>}, "tasks": {task: data info}}
+         "failures": [...], "efficiency": {<the meter's figures, without eff/>}, "tasks": {task: data info},
+         "bootstrap": {metric key: 95% interval}, "doc_scores": {metric key: {doc_id: score}}}
         on rank 0; {} on other ranks.
     """
     from tokenprune.eval import meter
@@ -217,6 +219,7 @@ def evaluate(
     }
     metrics = flatten_metrics(output["results"])
     metrics.update(aggregate_metrics(metrics, benchmark.aggregates))
+    scores = doc_scores(output.get("samples") or {})
     outcome = {
         "metrics": metrics,
         "samples": records,
@@ -224,6 +227,8 @@ def evaluate(
         "efficiency": efficiency_block(figures),
         "tasks": where,
         "coverage": coverage(output),
+        "bootstrap": score_intervals(scores, seed),
+        "doc_scores": scores,
     }
     if benchmark.compare_to_full:
         outcome.update(_compare_to_full(adapter, benchmark, specs, task_manager, seed, samples_path, outcome))
@@ -265,7 +270,7 @@ def _pass(
         batch_size=benchmark.batch_size,
         gen_kwargs=benchmark.gen_kwargs,
         bootstrap_iters=0,
-        log_samples=False,
+        log_samples=True,  # per-document scores for the bootstrap intervals (tokenprune.eval.bootstrap)
         task_manager=task_manager,
         # process_with_media=False: lmms-eval scores from the docs without decoding images again, so a
         # corrupt image fails its sample (recorded by our model) instead of the whole run.
@@ -335,7 +340,8 @@ def _compare_to_full(
         if full.get(key):
             metrics["pct_of_full/" + key.removeprefix("bench/")] = 100.0 * value / full[key]
     metrics.update(answer_agreement(reduced["samples"], records))
-    return {"metrics": metrics, "full_samples": records}
+    paired = paired_intervals(reduced["doc_scores"], doc_scores(output.get("samples") or {}), seed)
+    return {"metrics": metrics, "full_samples": records, "paired_vs_full": paired}
 
 
 def batch_samples_path(samples_path: str | os.PathLike, batch_size: int) -> Path:
@@ -495,6 +501,9 @@ def _evaluate_and_write(
         "failures": outcome["failures"],
         "samples_file": samples_file.name,
     }
+    result["bootstrap"] = outcome["bootstrap"]
+    if "paired_vs_full" in outcome:
+        result["paired_vs_full"] = outcome["paired_vs_full"]
     if "full_samples" in outcome:
         result["full_samples_file"] = samples_file.with_suffix(".full.jsonl").name
     if "batch_samples" in outcome:

@@ -26,10 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokenprune.models._views import SplicedInputs, assemble, gathered_positions, reduce_items
 from tokenprune.models.base import AdapterCore, Capabilities, VisionFlops, load_pretrained
 from tokenprune.models.signals import SIGNAL_DTYPES, clip_cls_attention, clip_feature_layer_signals
-
-# LLAVA15_SYSTEM is re-exported for models/mini.py and data/shapes.py (the miniature, issue-17)
 from tokenprune.templates import LLAVA15_PROMPT
-from tokenprune.templates import LLAVA15_SYSTEM as LLAVA15_SYSTEM
 from tokenprune.types import (
     FEATURE_LAYER_SIGNALS,
     VIT_CLS_ATTN,

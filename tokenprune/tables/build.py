@@ -25,7 +25,12 @@ EFFICIENCY = (
 
 @dataclass
 class Column:
-    """One column of numbers; `kind` is metric, relative, mean or efficiency."""
+    """One column of numbers; `kind` is metric, relative, mean, ci or efficiency.
+
+    A ci column (`ci_of: <metric column id>`) holds the half-width of the 95% bootstrap interval
+    of that column's metric in the same result (`result["bootstrap"]`, tokenprune.eval.bootstrap),
+    on the column's scale: the "± ci" of the number beside it.
+    """
 
     id: str
     label: str
@@ -36,6 +41,7 @@ class Column:
     best: str | None = "max"
     relative_to: dict[str, Any] = field(default_factory=dict)
     mean_of: list[str] = field(default_factory=list)
+    ci_of: str | None = None
     published: str | None = None  # key of the paper's value in a published row
     fmt: str = "fixed"  # fixed | si
     note: str | None = None
@@ -116,7 +122,15 @@ def _pick(
 def table_columns(spec: dict[str, Any]) -> list[Column]:
     columns = []
     for c in spec.get("columns") or []:
-        kind = "mean" if c.get("mean_of") else "relative" if c.get("relative_to") else "metric"
+        kind = (
+            "mean"
+            if c.get("mean_of")
+            else "ci"
+            if c.get("ci_of")
+            else "relative"
+            if c.get("relative_to")
+            else "metric"
+        )
         columns.append(
             Column(
                 id=str(c["id"]),
@@ -125,9 +139,10 @@ def table_columns(spec: dict[str, Any]) -> list[Column]:
                 metric=c.get("metric"),
                 scale=float(c.get("scale", 1.0)),
                 digits=int(c.get("digits", 1)),
-                best=c.get("best", "max"),
+                best=None if c.get("ci_of") else c.get("best", "max"),
                 relative_to=dict(c.get("relative_to") or {}),
                 mean_of=list(c.get("mean_of") or []),
+                ci_of=c.get("ci_of"),
                 published=str(c["id"]),
                 note=c.get("note"),
             )
@@ -236,6 +251,7 @@ def build_table(
         if source and source not in sources:
             sources.append(source)
         row = Row(label, row_spec.get("section"), {}, {}, [])
+        half_widths: dict[str, float | None] = {}  # metric column id -> its ci half-width
         used: list[dict[str, Any]] = []
         ambiguous: dict[tuple[int, str], list[str]] = {}
         for col in columns:
@@ -259,6 +275,9 @@ def build_table(
                     row.results.append(base["name"])
             elif value is not None:
                 value *= col.scale
+                interval = (result.get("bootstrap") or {}).get(col.metric)
+                if interval is not None:
+                    half_widths[col.id] = (interval["high"] - interval["low"]) / 2 * col.scale
             row.ours[col.id] = value
         note = str(row_spec.get("note") or "")
         if note and ("{" not in note or used):  # `{dotted.key}`: the row's first result's values
@@ -276,6 +295,8 @@ def build_table(
             if col.kind == "mean":
                 parts = [row.ours.get(i) for i in col.mean_of]
                 row.ours[col.id] = sum(parts) / len(parts) if parts and None not in parts else None
+            elif col.kind == "ci":
+                row.ours[col.id] = half_widths.get(col.ci_of or "")
             elif col.kind == "efficiency":
                 source_key = next(s for cid, _, s, _ in EFFICIENCY if cid == col.id)
                 row.ours[col.id] = _weighted(used, source_key)

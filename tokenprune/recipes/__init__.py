@@ -1,0 +1,1 @@
+"""Build recipes: code that trains a shipped artefact (models/ never imports it)."""
