@@ -27,6 +27,10 @@ def test_hand_computed_stages():
     assert flops.signal_flops(SHAPE, ["vit_cls_attn"], images=1, text_tokens=3) == 320 + 40
     assert flops.signal_flops(SHAPE, ["vit_cls_attn", "vit_keys"], images=2, text_tokens=3) == 2 * 360
     assert flops.signal_flops(SHAPE, [], images=1, text_tokens=3) == 0
+    # VisionZip's / VisPruner's feature-layer signals, per image: k of all 5 tokens (2 * 5 * 16), q of the
+    # CLS row (2 * 16), its scores (2 * 5 * 4); heads and keys share it, the CLS feature is a read
+    heads_keys = ["vit_cls_attn_heads", "vit_feat_keys", "vit_cls_feature"]
+    assert flops.signal_flops(SHAPE, heads_keys, images=2, text_tokens=3) == 2 * (160 + 32 + 40)
     # the mapper's signal: LLM layer-0 q (d x d) and k (d x d_kv) over the unreduced 4 + 3 tokens,
     # 2 * 7 * (64 + 32), plus the 3 text rows' scores against all 7 columns, 2 * 3 * 7 * 8
     assert flops.signal_flops(SHAPE, ["llm_text_attn"], images=1, text_tokens=3) == 1344 + 336

@@ -22,7 +22,10 @@ m = LLM MLP width, d_kv = key/value width (heads_kv * head_dim), V = vocabulary,
   against it, ``2 * S_full * (d^2 + d d_kv) + 2 * T * S_full * d`` (T = text tokens, an upper bound
   on the rows after the image; ~41 GFLOPs at LLaVA-1.5-7B, against ~2.4 for the CLIP signals);
   ``relevance`` (the oracle's GAE): a forward and a backward of the unreduced prompt, estimated as
-  3 x its prefill. Signals of several names add up.
+  3 x its prefill; ``vit_cls_attn_heads`` / ``vit_feat_keys`` (VisionZip, VisPruner), per image: the
+  feature layer's k projection of all L tokens, the q projection of the CLS row and its scores,
+  ``2 * L * C^2 + 2 * C^2 + 2 * L * C`` (one computation for both), ``vit_cls_feature`` 0 (a row
+  of that layer's output). Signals of several names add up.
 * Reducer, per image, from N patches to M kept: the reducer's own ``flops(n, kept, width)``
   method (each reducer documents its formula; e.g. 0 for index selection, N * C for pooling,
   ``2 M N C + 2 M k C + 2 N C`` for PruMerge / PruMerge+). A reducer without the method counts as
@@ -62,7 +65,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tokenprune.types import LLM_TEXT_ATTN, RELEVANCE, VIT_CLS_ATTN, VIT_KEYS
+from tokenprune.types import (
+    LLM_TEXT_ATTN,
+    RELEVANCE,
+    VIT_CLS_ATTN,
+    VIT_CLS_ATTN_HEADS,
+    VIT_CLS_FEATURE,
+    VIT_FEAT_KEYS,
+    VIT_KEYS,
+)
 
 
 @dataclass(frozen=True)
@@ -135,8 +146,13 @@ def signal_flops(shape: ModelShape, requires: Sequence[str], images: int, text_t
         LLM_TEXT_ATTN: 2 * full * (llm.width**2 + llm.width * llm.kv_width)
         + 2 * text_tokens * full * llm.width,
         RELEVANCE: 3 * prefill_flops(llm, full),
+        # the feature layer's k_proj over every token, q_proj of the CLS row, its attention row
+        # (models/signals.clip_feature_layer_signals); its CLS feature is a read of that layer's output
+        "feature": images * (2 * tokens * v.width**2 + 2 * v.width**2 + 2 * tokens * v.width),
+        VIT_CLS_FEATURE: 0,
     }
-    names = {"vit" if name in (VIT_CLS_ATTN, VIT_KEYS) else name for name in requires}
+    grouped = {VIT_CLS_ATTN: "vit", VIT_KEYS: "vit", VIT_CLS_ATTN_HEADS: "feature", VIT_FEAT_KEYS: "feature"}
+    names = {grouped.get(name, name) for name in requires}
     unknown = names - set(costs)
     if unknown:
         raise ValueError(f"no FLOPs formula for the signals {sorted(unknown)}")
