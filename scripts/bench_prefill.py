@@ -65,33 +65,16 @@ PATCHES = 576
 CLOCK = [time.perf_counter]  # the CPU timer (--cpu-time: time.process_time)
 
 
-def layer_signals(n: int, text: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Synthetic `LLM_LAYER_*` signals for one sample of n visual and `text` text tokens (random)."""
-    from tokenprune import types
-
-    attention = torch.rand(1, n, generator=generator).softmax(-1)
-    return {
-        types.LLM_LAYER_LAST_ATTN: attention,
-        types.LLM_LAYER_LAST_ATTN_HEADS: attention[:, None].expand(1, 4, n),
-        types.LLM_LAYER_TEXT_ATTN: attention,
-        types.LLM_LAYER_NEXT_LAST_ATTN: attention,
-        types.LLM_LAYER_KEYS: torch.randn(1, n, 64, generator=generator),
-        types.LLM_LAYER_NORMED: torch.randn(1, n, 64, generator=generator),
-        types.LLM_LAYER_TEXT_KEYS: torch.randn(1, text, 64, generator=generator),
-        types.LLM_LAYER_TEXT_NORMED: torch.randn(1, text, 64, generator=generator),
-        types.LLM_LAYER_TEXT_LENGTHS: torch.tensor([text]),
-    }
-
-
 def layer_counts(reducer, generator: torch.Generator, text: int = 40) -> list[int]:
     """A reducer inside the LLM: the visual tokens left after each of its cuts, from N0 = 576."""
+    from tokenprune.synthetic import llm_layer_like_signals
     from tokenprune.types import LayerTokens
 
     current, counts = PATCHES, []
     original = torch.tensor([PATCHES])
     for stage, layer in enumerate(reducer.layers):
         features = torch.randn(1, current, 64, generator=generator)
-        signals = layer_signals(current, text, generator)
+        signals = llm_layer_like_signals(current, text, generator)
         tokens = LayerTokens(features, torch.tensor([current]), original, signals, layer=layer, stage=stage)
         current = int(reducer(tokens).lengths[0])
         counts.append(current)

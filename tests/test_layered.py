@@ -441,4 +441,10 @@ def test_meter_counts_the_cut_llm_on_every_family(built, name):
     assert eff["eff/flops_prefill_mean"] == sum(want) / 2
     assert eff["eff/flops_prefill_mean"] < eff["eff/flops_prefill_full_mean"]
     assert eff["eff/layer_tokens_mean"] == [sum(r["layer_tokens"][i] for r in records) / 2 for i in range(2)]
+    # layers 0 hold every visual token, 1 the first cut's, 2 .. DEPTH - 1 the second's
+    by_hand = [
+        (r["visual_tokens"] + r["layer_tokens"][0] + (DEPTH - 2) * r["layer_tokens"][1]) / DEPTH
+        for r in records
+    ]
+    assert eff["eff/visual_tokens_layer_avg"] == pytest.approx(sum(by_hand) / 2)
     assert (eff["eff/flops_vit_mean"] is not None) == (name == "tiny_llava")

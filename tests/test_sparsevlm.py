@@ -63,6 +63,11 @@ def test_v15_counts_on_the_llava15_shape(budget, counts, average):
     # the reference's "equal token num": layers 0-1 hold 576, layer 2 onwards the cut counts
     spans = [2, 4, 9, 17]
     assert sum(s * c for s, c in zip(spans, [576, *counts])) / 32 == average
+    # the meter's layer average counts what each layer computes on: each scoring layer (2, 6, 15) still
+    # holds the count before its cut, one layer per cut more than the reference counts
+    from tokenprune.eval.meter import layer_average
+
+    assert layer_average(576, counts, reducer.layers, 32) == average + (576 - counts[-1]) / 32
 
 
 def test_v1_rank_rule_and_errors():

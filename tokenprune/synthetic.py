@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenprune import types
 from tokenprune.types import VisualTokens
 
 
@@ -73,3 +74,20 @@ def clip_like_tokens(
         grid=grid,
         signals={name: value.to(device, dtype) for name, value in signals.items()},
     )
+
+
+def llm_layer_like_signals(n: int, text: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random `LLM_LAYER_*` signals (attention rows, keys, normed states) for one sample of `n` visual
+    and `text` text tokens, as a reducer inside the LLM receives them (`scripts/bench_prefill.py`)."""
+    attention = torch.rand(1, n, generator=generator).softmax(-1)
+    return {
+        types.LLM_LAYER_LAST_ATTN: attention,
+        types.LLM_LAYER_LAST_ATTN_HEADS: attention[:, None].expand(1, 4, n),
+        types.LLM_LAYER_TEXT_ATTN: attention,
+        types.LLM_LAYER_NEXT_LAST_ATTN: attention,
+        types.LLM_LAYER_KEYS: torch.randn(1, n, 64, generator=generator),
+        types.LLM_LAYER_NORMED: torch.randn(1, n, 64, generator=generator),
+        types.LLM_LAYER_TEXT_KEYS: torch.randn(1, text, 64, generator=generator),
+        types.LLM_LAYER_TEXT_NORMED: torch.randn(1, text, 64, generator=generator),
+        types.LLM_LAYER_TEXT_LENGTHS: torch.tensor([text]),
+    }

@@ -5,7 +5,9 @@ Token counts are per sample (all images or video frames of a request together):
 * ``eff/visual_tokens_{mean,min,max}``, ``eff/visual_tokens_hist`` ({"edges", "counts"}),
   ``eff/visual_tokens_per_image_mean``, ``eff/text_tokens_mean``, ``eff/new_tokens_mean``;
   with a reducer inside the LLM, ``eff/layer_tokens_mean``: per cut, the mean visual tokens left
-  after it (``eff/visual_tokens_*`` count the LLM input), and per stage (before the first cut, then
+  after it (``eff/visual_tokens_*`` count the LLM input), ``eff/visual_tokens_layer_avg``: the
+  visual tokens averaged over the LLM's layers (what the tables' Tokens column shows for such a
+  reducer: the in-LLM papers' budgets are such averages), and per stage (before the first cut, then
   after each) ``eff/flops_prefill_stages_mean`` (its layers' prefill FLOPs) and
   ``eff/flops_layer_stages_mean`` (one of its layers': the cost of a layer before and after a cut).
 
@@ -147,6 +149,14 @@ def _flops(answered: Sequence[dict[str, Any]], adapter: Adapter | None) -> dict[
         values = [f[stage] for f in per_sample]
         out[f"eff/flops_{stage}_mean"] = None if any(v is None for v in values) else _mean(values)
     if in_llm:  # per stage of the cut LLM (before the first cut, after each): lists of means
+        out["eff/visual_tokens_layer_avg"] = _mean(
+            [
+                layer_average(
+                    int(r["visual_tokens"]), r.get("layer_tokens", ()), reducer.layers, shape.llm.layers
+                )
+                for r in rows
+            ]
+        )
         for key in ("prefill_stages", "layer_stages"):
             out[f"eff/flops_{key}_mean"] = [_mean(list(v)) for v in zip(*(f[key] for f in per_sample))]
     steps = sum(f["decode_steps"] for f in per_sample)
@@ -156,6 +166,14 @@ def _flops(answered: Sequence[dict[str, Any]], adapter: Adapter | None) -> dict[
         out["eff/prefill_flops_ratio"] = sum(f["prefill"] for f in per_sample) / sum(full)
     out["eff/model_shape"] = shape.as_dict()
     return out
+
+
+def layer_average(entering: int, after_cuts: Sequence[int], cuts: Sequence[int], depth: int) -> float:
+    """Visual tokens averaged over the LLM's `depth` layers: `entering` in layers 0 .. K_1 - 1, then
+    `after_cuts[s]` from layer K_{s+1} on (SparseVLM's "N tokens"; FastV at K = 2 keeping 64 of 576 on
+    32 layers averages 96)."""
+    counts, bounds = [entering, *after_cuts], [0, *cuts, depth]
+    return sum(n * (stop - start) for n, start, stop in zip(counts, bounds, bounds[1:])) / depth
 
 
 def _timings(answered: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.atomic import atomic_folder
 from tokenprune.config import CONFIG_DIR, UserError, register_resolvers
 from tokenprune.data.shapes import IMAGE_SIZE
 from tokenprune.models.llava import LLAVA15_PROMPT, LlavaAdapter
@@ -217,10 +217,7 @@ def load_stages(model, path: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- the build
 def save_atomic(path: Path, parts: Sequence[Any], info: dict[str, Any]) -> Path:
     """save_pretrained every part + BUILD.json into a staging folder, then swap it in at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-new-", dir=path.parent))
-    old = None
-    try:
+    with atomic_folder(path) as staging:
         for part in parts:
             part.save_pretrained(staging)
         files = sorted(p for p in staging.iterdir() if p.is_file())
@@ -230,14 +227,6 @@ def save_atomic(path: Path, parts: Sequence[Any], info: dict[str, Any]) -> Path:
         info["files"] = {p.name: p.stat().st_size for p in files}
         info["total_bytes"] = sum(info["files"].values()) + len(json.dumps(info, indent=1)) + 64
         (staging / "BUILD.json").write_text(json.dumps(info, indent=1) + "\n")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
-            path.rename(old / path.name)
-        staging.rename(path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return path
 
 

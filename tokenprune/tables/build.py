@@ -196,7 +196,10 @@ def _weighted(results: list[dict[str, Any]], source: str) -> float | None:
     total = weight = 0.0
     for r in results:
         summary = efficiency(r)
-        value = summary.get("visual_tokens_mean" if source == "visual_tokens" else source)
+        if source == "visual_tokens":  # inside the LLM: the count averaged over the LLM's layers
+            value = summary.get("visual_tokens_layer_avg", summary.get("visual_tokens_mean"))
+        else:
+            value = summary.get(source)
         if value is None:
             continue
         n = max(1, int(summary.get("samples") or 1) - int(summary.get("failed_samples") or 0))
