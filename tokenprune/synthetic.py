@@ -90,4 +90,6 @@ def llm_layer_like_signals(n: int, text: int, generator: torch.Generator) -> dic
         types.LLM_LAYER_TEXT_KEYS: torch.randn(1, text, 64, generator=generator),
         types.LLM_LAYER_TEXT_NORMED: torch.randn(1, text, 64, generator=generator),
         types.LLM_LAYER_TEXT_LENGTHS: torch.tensor([text]),
+        types.LLM_LAYER_RATER_ATTN: attention,
+        types.LLM_LAYER_RATER_ATTN_ROWS: attention[:, None].expand(1, 4, n),
     }
