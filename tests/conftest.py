@@ -18,8 +18,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: without it they are skipped, with the reason (pyproject.toml's markers)."""
-    if torch.cuda.is_available():
+    """`gpu` tests need CUDA: without it they are skipped, with the reason (pyproject.toml's markers),
+    unless TOKENPRUNE_GPU_TEST_DEVICE names a device to run them on (`scripts/gpu_check.py --dry-run`
+    runs them on the CPU)."""
+    if torch.cuda.is_available() or os.environ.get("TOKENPRUNE_GPU_TEST_DEVICE"):
         return
     skip = pytest.mark.skip(reason="gpu: needs CUDA, and this machine has none")
     for item in items:
