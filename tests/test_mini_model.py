@@ -300,6 +300,47 @@ def test_drop_patterns_keep_exactly_the_budget_in_raster_order(pattern):
             assert int(objects[kept].sum()) == min(keep, 30)
 
 
+def test_gather_rows_find_the_words_of_the_query_turn_only():
+    """Two turns: the second answer's gather keys are its own question's colour and shape words,
+    not the first turn's, and a turn without such words gets no row."""
+    from types import SimpleNamespace
+
+    red, circle, blue = 11, 12, 13
+    ids = torch.tensor([[1, 5, red, circle, 6, 7, 40, 41, 5, blue, 9, 6, 7, 42, 41, 8, 6, 7, 43, 41]])
+    labels = torch.full_like(ids, -100)
+    labels[0, [6, 7, 13, 14, 18, 19]] = ids[0, [6, 7, 13, 14, 18, 19]]  # three answers: 2 tokens each
+    inputs = SimpleNamespace(input_ids=ids, labels=labels)
+    rows = [(0, 5, None), (0, 12, None), (0, 17, None)]  # the positions before each answer
+    got = mini_language.gather_rows(inputs, rows, torch.tensor([red, circle, blue]))
+    assert [(b, q, k.tolist()) for b, q, k in got] == [(0, 5, [2, 3]), (0, 12, [9])]
+
+
+def test_short_visual_contexts_keep_every_object_patch_and_a_few_others():
+    recipe = mini_shapes.Recipe(stage2_records=80, stage2_batch=8, short_fraction=0.5, short_extra=10)
+    objects = torch.zeros(576, dtype=torch.bool)
+    objects[[3, 50, 51, 400]] = True
+    generator = torch.Generator().manual_seed(0)
+    sizes = set()
+    for step in range(5):  # 80 / 8 x 0.5 = 5 short steps
+        kept = mini_language.visual_budget(step, recipe, objects, generator, dropping=False)
+        assert bool(objects[kept].sum() == 4) and 4 <= kept.numel() <= 14 and torch.equal(kept, kept.unique())
+        sizes.add(kept.numel())
+    assert len(sizes) > 1  # the background share varies
+    assert torch.equal(mini_language.visual_budget(5, recipe, objects, generator, dropping=False), torch.arange(576))
+
+
+def test_attribute_words_are_one_token_each_in_the_shipped_tokenizer():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED) if (SHIPPED / "tokenizer.json").exists() else None
+    if tokenizer is None:
+        pytest.skip("models/mini_shapes is not built yet: run `make mini-model`")
+    ids = mini_language.attribute_word_ids(tokenizer)
+    assert ids.numel() == 6 + 5 + 5  # colours, shapes, plurals
+    question = tokenizer("Is there a red circle in the image?", add_special_tokens=False).input_ids
+    assert [tokenizer.decode([i]) for i in question if i in ids.tolist()] == [" red", " circle"]
+
+
 def test_grounding_loss_is_the_layers_own_attention(tiny_llava):
     """The recomputed head-0 attention equals what the layer computes (eager attention weights)."""
     adapter = tiny_llava
@@ -340,14 +381,16 @@ def test_make_mini_model_entry_point_builds_a_loadable_checkpoint(tmp_path, monk
     out = tmp_path / "models" / "mini_shapes"
     threads = torch.get_num_threads()
     try:
-        for argv in ([f"out={out}"], [f"out={out}_2", f"recipe.init_from={out}"]):
-            monkeypatch.setattr(sys, "argv", ["mini_shapes.py", f"hydra.run.dir={tmp_path}/run", *argv, *TOY])
+        tower_only = [f"out={out}_3", f"recipe.init_from={out}", "recipe.init_stages=0", "recipe.stage1_records=0",
+                      "recipe.gather_weight=1", "recipe.short_fraction=0.5"]  # fmt: skip
+        for argv in ([f"out={out}"], [f"out={out}_2", f"recipe.init_from={out}"], tower_only):
+            monkeypatch.setattr(sys, "argv", ["mini_shapes.py", f"hydra.run.dir={tmp_path}/run", *TOY, *argv])
             mini_shapes.main()
     finally:
         torch.set_num_threads(threads)
     log = capsys.readouterr().out
     assert "[stage0] step 3/3" in log and "[stage1] round 2/2 step 2/2" in log and "[stage2] step 2/2" in log
-    assert sorted(p.name for p in out.parent.iterdir()) == ["mini_shapes", "mini_shapes_2"]  # no staging
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mini_shapes", "mini_shapes_2", "mini_shapes_3"]
     build = json.loads((out / "BUILD.json").read_text())
     assert build["recipe"]["stage0_steps"] == 3 and build["stage1"]["steps"] == 4  # 2 rounds x 2 steps
     assert [r["records"] for r in build["stage1"]["rounds"]] == [4, 4] and build["stage2"]["steps"] == 2
@@ -355,6 +398,11 @@ def test_make_mini_model_entry_point_builds_a_loadable_checkpoint(tmp_path, monk
     again = json.loads((tmp_path / "models" / "mini_shapes_2" / "BUILD.json").read_text())
     assert again["stage1"]["from"] == str(out) and again["seconds"]["stage0"] == build["seconds"]["stage0"]
     assert again["seconds"]["total_with_init"] > again["seconds"]["total"]
+    fresh = json.loads((tmp_path / "models" / "mini_shapes_3" / "BUILD.json").read_text())
+    assert fresh["stage1"]["steps"] == 0 and "stage1" not in fresh["seconds"] and "gather" in fresh["stage2"]["history"][0]
+    first, third = load_file(out / "model.safetensors"), load_file(f"{out}_3/model.safetensors")
+    for name, tensor in first.items():  # the tower is loaded; the projector and the LM start afresh
+        assert torch.equal(tensor, third[name]) == ("vision_tower" in name), name
     loaded = LlavaAdapter.from_pretrained(str(out), dtype="float32", device="cpu", image_aspect="pad")
     assert loaded.model.config.vision_config.hidden_size == 32
     assert loaded.model.config._attn_implementation == "sdpa"

@@ -19,6 +19,13 @@ vicuna_v1 template, labels on the answers).
   predicts the answer is pulled onto those objects' kept patches, and for an existence question
   whose answer is no onto the sequence's first token (the attention sink: nothing matches):
   -log(attention mass on them), weighted `ground_weight` for the first `ground_fraction` of the steps.
+  * **A gather loss** (`gather_weight`): head 0 of `gather_layer` is pulled, from the same answer
+  positions, onto the colour and shape words of that turn's question: what the grounded heads'
+  queries must carry. Without it the grounded heads' queries cannot tell which object is named,
+  and their attention stays at the level of uniform (docs/miniature.md §3).
+  * **Short visual contexts** first (`short_fraction` of the steps): every object patch plus
+  U(0, `short_extra`) random background patches, so the lookup is learnt over a few dozen keys
+  before it has to work over 576.
 """
 
 from __future__ import annotations
@@ -236,6 +243,45 @@ def query_rows(
     return rows
 
 
+def attribute_word_ids(tokenizer) -> torch.Tensor:
+    """The token ids of the world's colour and shape words (" red", " circles", ...), one token each."""
+    words = [*COLORS, *SHAPES, *PLURALS.values()]
+    ids = [tokenizer(" " + word, add_special_tokens=False).input_ids for word in words]
+    split = [word for word, i in zip(words, ids) if len(i) != 1]
+    if split:
+        raise ValueError(f"the tokenizer splits the world's words {split}; the gather loss needs one token each")
+    return torch.tensor(sorted({i[0] for i in ids}))
+
+
+def gather_rows(inputs: Any, rows: list, word_ids: torch.Tensor) -> list:
+    """Per grounding row (sample, query position, ...): (sample, query position, the positions of
+    the colour and shape words in the query's own turn, i.e. after the previous answer)."""
+    labelled = inputs.labels != -100
+    out = []
+    for b, query, _ in rows:
+        earlier = labelled[b, :query].nonzero()
+        start = int(earlier[-1]) + 1 if earlier.numel() else 0
+        words = torch.isin(inputs.input_ids[b, start : query + 1], word_ids).nonzero().squeeze(1)
+        if words.numel():
+            out.append((b, query, words + start))
+    return out
+
+
+def visual_budget(step: int, recipe: Any, objects: torch.Tensor, generator: torch.Generator, dropping: bool):
+    """The kept patch indices of one image at stage-2 step `step` (short context, drop, or all 576)."""
+    if step < int(recipe.short_fraction * recipe.stage2_records // recipe.stage2_batch):
+        extra = int(torch.randint(recipe.short_extra + 1, (), generator=generator))
+        return drop_indices("object", int(objects.sum()) + extra, objects, generator)
+    if not dropping:
+        return torch.arange(GRID * GRID)
+    fraction = float(torch.rand((), generator=generator)) * recipe.drop_max
+    keep = max(1, round(GRID * GRID * (1 - fraction)))
+    if keep == GRID * GRID:
+        return torch.arange(GRID * GRID)
+    pattern = DROP_PATTERNS[int(torch.randint(len(DROP_PATTERNS), (), generator=generator))]
+    return drop_indices(pattern, keep, objects, generator)
+
+
 def train_stage2(adapter, recipe: Any, log: Log) -> dict[str, Any]:
     """Projector + LM on `stage2_records` streamed train records (after stage 1's), the tower frozen."""
     from tokenprune.recipes.mini_shapes import cosine_schedule
@@ -254,7 +300,8 @@ def train_stage2(adapter, recipe: Any, log: Log) -> dict[str, Any]:
     first = recipe.stage1_records * recipe.stage1_rounds  # train items stage 1 has not seen
     model.train()
     tower.eval()
-    start, window, history = time.perf_counter(), {"loss": [], "ground": [], "tokens": []}, []
+    word_ids = attribute_word_ids(adapter.tokenizer)
+    start, window, history = time.perf_counter(), {"loss": [], "ground": [], "gather": [], "tokens": []}, []
     for step in range(total):
         records = [
             make_record(first + step * recipe.stage2_batch + k, recipe.seed)
@@ -263,31 +310,26 @@ def train_stage2(adapter, recipe: Any, log: Log) -> dict[str, Any]:
         with torch.no_grad():
             features = adapter.visual_tokens(adapter.preprocess([r.image for r in records])).features
         dropping = float(torch.rand((), generator=generator)) < recipe.drop_prob
-        kept = []
-        for record in records:
-            keep = GRID * GRID
-            if dropping:
-                fraction = float(torch.rand((), generator=generator)) * recipe.drop_max
-                keep = max(1, round(GRID * GRID * (1 - fraction)))
-            if keep == GRID * GRID:
-                kept.append(torch.arange(GRID * GRID))
-                continue
-            pattern = DROP_PATTERNS[int(torch.randint(len(DROP_PATTERNS), (), generator=generator))]
-            kept.append(drop_indices(pattern, keep, record.objects, generator))
+        kept = [visual_budget(step, recipe, r.objects, generator, dropping) for r in records]
         projected = [adapter.projector()(f[k]) for f, k in zip(features, kept)]
         inputs = adapter.splice([r.segments for r in records], [[k.numel()] for k in kept], projected)
-        grounding = step < ground_steps and recipe.ground_weight > 0
+        grounding = step < ground_steps and recipe.ground_weight + recipe.gather_weight > 0
         output = model(**inputs.as_kwargs(), use_cache=False, output_hidden_states=grounding)
         loss = output.loss
-        if grounding:
-            rows = query_rows(inputs, kept, [r.targets for r in records])
-            if rows:
-                ground = sum(
-                    grounding_loss(model, inputs, output.hidden_states[layer], layer, rows)
-                    for layer in recipe.ground_layers
-                ) / len(recipe.ground_layers)
-                loss = loss + recipe.ground_weight * ground
-                window["ground"].append(float(ground.detach()))
+        rows = query_rows(inputs, kept, [r.targets for r in records]) if grounding else []
+        if rows and recipe.ground_weight > 0:
+            ground = sum(
+                grounding_loss(model, inputs, output.hidden_states[layer], layer, rows)
+                for layer in recipe.ground_layers
+            ) / len(recipe.ground_layers)
+            loss = loss + recipe.ground_weight * ground
+            window["ground"].append(float(ground.detach()))
+        gathered = gather_rows(inputs, rows, word_ids) if rows and recipe.gather_weight > 0 else []
+        if gathered:
+            layer = recipe.gather_layer
+            gather = grounding_loss(model, inputs, output.hidden_states[layer], layer, gathered)
+            loss = loss + recipe.gather_weight * gather
+            window["gather"].append(float(gather.detach()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(trained, recipe.grad_clip)
@@ -300,7 +342,7 @@ def train_stage2(adapter, recipe: Any, log: Log) -> dict[str, Any]:
             history.append({"step": step + 1, **means})
             log(
                 f"[stage2] step {step + 1}/{total} loss {means['loss']:.4f} "
-                f"ground {means.get('ground', 0.0):.3f} visual tokens {means['tokens']:.0f} "
+                f"ground {means.get('ground', 0.0):.3f} gather {means.get('gather', 0.0):.3f} visual tokens {means['tokens']:.0f} "
                 f"lr {scheduler.get_last_lr()[0]:.2e} elapsed {time.perf_counter() - start:.0f}s"
             )
             window = {k: [] for k in window}

@@ -53,6 +53,9 @@ def log_line(message: str) -> None:
     print(message, flush=True)
 
 
+INIT_STAGES = ("0+1", "0")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Every knob of the build (docs/miniature.md §2); configs/recipe/mini_shapes.yaml sets the shipped values."""
@@ -95,8 +98,19 @@ class Recipe:
     ground_weight: float = 1.0  # grounding loss weight (0: off)
     ground_fraction: float = 1.0  # the grounding loss runs for this share of stage 2's steps
     ground_layers: tuple[int, ...] = (1, 2)  # LM layers whose head 0 is grounded
-    # a checkpoint of stages 0 + 1 with this recipe's knobs (e.g. the v1 build) to run stage 2 on
+    # the gather loss: head 0 of `gather_layer` attends from a grounded turn's answer position to
+    # that turn's colour and shape words (what the grounded heads' queries need); 0: off
+    gather_weight: float = 0.0
+    gather_layer: int = 0
+    # the first `short_fraction` of stage 2's steps show short visual contexts: every object patch
+    # plus U(0, short_extra) random background patches (the lookup over few keys is learnt first)
+    short_fraction: float = 0.0
+    short_extra: int = 40
+    # a checkpoint of this recipe's knobs (e.g. the v1 build) to start from: its stages 0 + 1
+    # (init_stages "0+1": stage 2 only runs), or its vision tower only ("0": stage 1, if it has
+    # records, and stage 2 run on a freshly initialised projector and LM)
     init_from: str | None = None
+    init_stages: str = "0+1"
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     # held-out check on the val split
@@ -117,6 +131,10 @@ class Recipe:
         for name in ("betas", "ground_layers"):
             if name in values:
                 values[name] = tuple(values[name])
+        if "init_stages" in values:  # Hydra reads init_stages=0 as a number
+            values["init_stages"] = str(values["init_stages"])
+        if values.get("init_stages", "0+1") not in INIT_STAGES:
+            raise UserError(f"recipe.init_stages must be one of {INIT_STAGES}, got {values['init_stages']!r}")
         return cls(**values)
 
 
@@ -195,8 +213,9 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
     )
 
 
-def load_stages(model, path: str) -> dict[str, Any]:
-    """Load stages 0 + 1 from the checkpoint at `path` (the recipe's `init_from`); returns its BUILD.json.
+def load_stages(model, path: str, stages: str = "0+1") -> dict[str, Any]:
+    """Load stages 0 + 1 (`stages` "0+1") or the vision tower only ("0") from the checkpoint at
+    `path` (the recipe's `init_from`); returns its BUILD.json.
 
     The checkpoint must come from this recipe with the same model knobs (its tokenizer is rebuilt
     identically from the corpus); its build record says what its stages cost.
@@ -208,7 +227,10 @@ def load_stages(model, path: str) -> dict[str, Any]:
         raise UserError(f"init_from={path}: no BUILD.json there; give a folder written by this recipe")
     source = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     try:
-        model.load_state_dict(source.state_dict())
+        if stages == "0":
+            model.model.vision_tower.load_state_dict(source.model.vision_tower.state_dict())
+        else:
+            model.load_state_dict(source.state_dict())
     except RuntimeError as error:  # shape mismatches: other model knobs
         raise UserError(f"init_from={path}: its weights do not fit the recipe's model: {error}") from error
     return json.loads(record.read_text())
@@ -249,13 +271,17 @@ def build(out: Path, recipe: Recipe, log: Log = log_line) -> dict[str, Any]:
     log(f"[build] tokenizer {len(tokenizer)} tokens; model {params / 1e6:.2f} M parameters")
     adapter = LlavaAdapter(model, processor, prompt=LLAVA15_PROMPT, image_aspect="pad")
     if recipe.init_from:
-        previous = load_stages(model, recipe.init_from)
+        previous = load_stages(model, recipe.init_from, recipe.init_stages)
         stage0 = {"from": recipe.init_from, "history": previous["stage0"]["history"]}
-        stage1 = {"from": recipe.init_from, **previous["stage1"]}
-        earlier = {
-            k: previous["seconds"][k] for k in ("data", "stage0", "stage1") if k in previous["seconds"]
-        }
-        log(f"[build] stages 0 + 1 from {recipe.init_from} (they took {earlier})")
+        if recipe.init_stages == "0+1":
+            stage1 = {"from": recipe.init_from, **previous["stage1"]}
+            loaded = ("data", "stage0", "stage1")
+        else:
+            stage1, stage1_times = train_stage1_rounds(adapter, recipe, log)
+            times.update(stage1_times)
+            loaded = ("stage0",)
+        earlier = {k: previous["seconds"][k] for k in loaded if k in previous["seconds"]}
+        log(f"[build] stages {recipe.init_stages} from {recipe.init_from} (they took {earlier})")
     else:
         stage0, stage1, earlier = train_stages_0_1(model, processor, adapter, recipe, log)
     torch.manual_seed(recipe.seed + 2 + recipe.stage1_rounds)
@@ -289,29 +315,33 @@ def build(out: Path, recipe: Recipe, log: Log = log_line) -> dict[str, Any]:
 
 def train_stages_0_1(model, processor, adapter, recipe: Recipe, log: Log) -> tuple[dict, dict, dict]:
     """Stage 0 (the tower) and stage 1 (the v1 LM training): their records and seconds."""
-    from tokenprune.recipes.mini_language import train_stage1, write_train_data
     from tokenprune.recipes.mini_vision import train_stage0
 
-    times: dict[str, float] = {}
+    torch.manual_seed(recipe.seed + 1)
+    stage0 = train_stage0(model, adapter.preprocess, recipe, log)
+    times = {"stage0": stage0.pop("seconds")}
+    stage1, stage1_times = train_stage1_rounds(adapter, recipe, log)
+    return stage0, stage1, {**stage1_times, **times}
+
+
+def train_stage1_rounds(adapter, recipe: Recipe, log: Log) -> tuple[dict, dict]:
+    """Stage 1's rounds, each on its own instruction JSON (none when `stage1_records` is 0)."""
+    from tokenprune.recipes.mini_language import train_stage1, write_train_data
+
+    times, rounds = {"data": 0.0}, []
+    if recipe.stage1_records == 0:
+        return {"steps": 0, "rounds": rounds}, {}
     with tempfile.TemporaryDirectory(prefix="mini_shapes_data-") as scratch:
-        tick = time.perf_counter()
-        json_path = write_train_data(Path(scratch) / "round1", recipe, 0)
-        times["data"] = time.perf_counter() - tick
-        log(f"[data] {recipe.stage1_records} train records ({times['data']:.0f}s)")
-        torch.manual_seed(recipe.seed + 1)
-        stage0 = train_stage0(model, adapter.preprocess, recipe, log)
-        times["stage0"] = stage0.pop("seconds")
-        rounds = []
         for round_ in range(recipe.stage1_rounds):
-            if round_:
-                tick = time.perf_counter()
-                json_path = write_train_data(Path(scratch) / f"round{round_ + 1}", recipe, round_)
-                times["data"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            json_path = write_train_data(Path(scratch) / f"round{round_ + 1}", recipe, round_)
+            times["data"] += time.perf_counter() - tick
+            log(f"[data] {recipe.stage1_records} train records ({times['data']:.0f}s)")
             torch.manual_seed(recipe.seed + 2 + round_)
             tag = f"round {round_ + 1}/{recipe.stage1_rounds} "
             rounds.append(train_stage1(adapter, json_path, recipe, log, tag))
-        times["stage1"] = sum(r.pop("seconds") for r in rounds)
-    return stage0, {"steps": sum(r["steps"] for r in rounds), "rounds": rounds}, times
+    times["stage1"] = sum(r.pop("seconds") for r in rounds)
+    return {"steps": sum(r["steps"] for r in rounds), "rounds": rounds}, times
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="recipe/mini_shapes", version_base="1.3")
