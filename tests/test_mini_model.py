@@ -326,7 +326,9 @@ def test_short_visual_contexts_keep_every_object_patch_and_a_few_others():
         assert bool(objects[kept].sum() == 4) and 4 <= kept.numel() <= 14 and torch.equal(kept, kept.unique())
         sizes.add(kept.numel())
     assert len(sizes) > 1  # the background share varies
-    assert torch.equal(mini_language.visual_budget(5, recipe, objects, generator, dropping=False), torch.arange(576))
+    assert torch.equal(
+        mini_language.visual_budget(5, recipe, objects, generator, dropping=False), torch.arange(576)
+    )
 
 
 def test_attribute_words_are_one_token_each_in_the_shipped_tokenizer():
@@ -399,7 +401,11 @@ def test_make_mini_model_entry_point_builds_a_loadable_checkpoint(tmp_path, monk
     assert again["stage1"]["from"] == str(out) and again["seconds"]["stage0"] == build["seconds"]["stage0"]
     assert again["seconds"]["total_with_init"] > again["seconds"]["total"]
     fresh = json.loads((tmp_path / "models" / "mini_shapes_3" / "BUILD.json").read_text())
-    assert fresh["stage1"]["steps"] == 0 and "stage1" not in fresh["seconds"] and "gather" in fresh["stage2"]["history"][0]
+    assert (
+        fresh["stage1"]["steps"] == 0
+        and "stage1" not in fresh["seconds"]
+        and "gather" in fresh["stage2"]["history"][0]
+    )
     first, third = load_file(out / "model.safetensors"), load_file(f"{out}_3/model.safetensors")
     for name, tensor in first.items():  # the tower is loaded; the projector and the LM start afresh
         assert torch.equal(tensor, third[name]) == ("vision_tower" in name), name

@@ -249,7 +249,9 @@ def attribute_word_ids(tokenizer) -> torch.Tensor:
     ids = [tokenizer(" " + word, add_special_tokens=False).input_ids for word in words]
     split = [word for word, i in zip(words, ids) if len(i) != 1]
     if split:
-        raise ValueError(f"the tokenizer splits the world's words {split}; the gather loss needs one token each")
+        raise ValueError(
+            f"the tokenizer splits the world's words {split}; the gather loss needs one token each"
+        )
     return torch.tensor(sorted({i[0] for i in ids}))
 
 
