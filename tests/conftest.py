@@ -13,6 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+from tokenprune.config import PROJECT_ROOT
+
+SHIPPED_MINI = PROJECT_ROOT / "models" / "mini_shapes"  # the shipped miniature (make mini-model)
+needs_shipped_mini = pytest.mark.skipif(
+    not (SHIPPED_MINI / "config.json").exists(),
+    reason="models/mini_shapes is not built yet: run `make mini-model`",
+)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one thread per xdist worker: `make test` runs 2 workers on 2 cores
 

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import SHIPPED_MINI as SHIPPED
+from conftest import needs_shipped_mini as needs_shipped
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -26,15 +28,9 @@ from tokenprune.recipes import mini_checks, mini_language, mini_shapes, mini_vis
 from tokenprune.reducers.baselines import NoReduction
 from tokenprune.reducers.prumerge import PruMerge, PruMergePlus
 
-SHIPPED = PROJECT_ROOT / "models" / "mini_shapes"
 # Test-split items (never trained on): 30 scenes = 180 POPE questions + every colour question (~60).
 PROPERTY_ITEMS = range(30)
 TOKEN_ITEMS = range(40)  # for PruMerge's kept counts and the CLS attention
-
-needs_shipped = pytest.mark.skipif(
-    not (SHIPPED / "config.json").exists(),
-    reason="models/mini_shapes is not built yet: run `make mini-model`",
-)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +86,7 @@ def test_shipped_folder_is_small_safetensors_with_its_build_record():
     assert build["command"].startswith("python -m tokenprune.recipes.mini_shapes")
     assert build["recipe"]["seed"] == 0 and build["stage2"]["steps"] > 0
     config = OmegaConf.to_container(compose(config_name="recipe/mini_shapes").recipe)
-    run_only = ("init_from", "log_every")  # the shipped build ran stage 2 on the v1 checkpoint
+    run_only = ("init_from", "init_stages", "log_every")  # the shipped build reused the v1 tower
     assert {k: v for k, v in build["recipe"].items() if k not in run_only} == {
         k: v for k, v in config.items() if k not in run_only
     }  # the config's knobs are the shipped build's
@@ -115,17 +111,19 @@ def test_processor_and_tokenizer_round_trip(adapter):
 
 
 # ------------------------------------------------------------------ properties of the shipped model
-MISSED = "docs/miniature.md §3: the v2 LM does not ground objects"
+MISSED = "docs/miniature.md §3: the v3 LM grounds existence, colour less well"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=f"measured POPE F1 0.53 (accuracy 0.50) and colour accuracy 0.40 (58 questions); {MISSED}",
-)
-def test_unreduced_model_grounds_existence_and_colour(unreduced):
-    """Design targets: POPE F1 >= 0.85 and colour accuracy >= 0.85 on held-out test scenes."""
+def test_unreduced_model_grounds_existence(unreduced):
+    """Design target: POPE F1 >= 0.85 on held-out test scenes (measured 0.854, accuracy 0.84)."""
     assert unreduced["seen"]["pope_f1"][0] >= 0.85, unreduced["seen"]["pope_f1"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=f"measured colour accuracy 0.62 (58 questions); {MISSED}")
+def test_unreduced_model_names_colours(unreduced):
+    """Design target: colour accuracy >= 0.85 on held-out test scenes."""
     assert unreduced["seen"]["color"].mean() >= 0.85, unreduced["seen"]["color"].mean()
 
 
@@ -133,14 +131,8 @@ def test_unreduced_model_grounds_existence_and_colour(unreduced):
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(
-            "existence",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=f"measured 0.50 with the image and 0.50 blind, paired [-0.10, 0.10]; {MISSED}",
-            ),
-        ),
-        "color",  # measured 0.40 with the image, 0.16 blind: +0.24, paired [0.10, 0.40]
+        "existence",  # measured 0.84 with the image, 0.46 blind: +0.38, paired [0.29, 0.47]
+        "color",  # measured 0.62 with the image, 0.21 blind: +0.41, paired [0.29, 0.53]
     ],
 )
 def test_answers_depend_on_the_image_not_on_the_question_alone(unreduced, kind):
@@ -182,8 +174,8 @@ def test_prumerge_keeps_at_most_15_percent_growing_with_object_count(adapter):
 @pytest.mark.xfail(
     strict=True,
     reason="PruMerge+ keeps 54% of the tokens on mini_shapes (LLaVA-1.5: ~25%): the tower's CLS-attention "
-    "outliers cover ~12% of the patches (LLaVA: ~5.5%), so the adaptive stride is 2 or 1; the v2 build "
-    "keeps v1's tower (docs/miniature.md §3)",
+    "outliers cover ~12% of the patches (LLaVA: ~5.5%), so the adaptive stride is 2 or 1; the v2 and v3 "
+    "builds keep v1's tower (docs/miniature.md §3)",
 )
 def test_prumerge_plus_keeps_about_a_quarter_of_the_tokens(adapter):
     reducer = PruMergePlus()
@@ -211,14 +203,14 @@ def reduced(adapter, questions) -> dict[tuple[str, str], np.ndarray]:
 
 # Measured on the shipped model (test scenes 0-29): method - baseline, paired bootstrap 95% interval.
 MEASURED = {
-    ("prumerge", "random", "existence"): "0.50 vs 0.50: +0.00 [-0.10, 0.10]",
-    ("prumerge", "uniform", "existence"): "0.50 vs 0.50: +0.00 [-0.09, 0.10]",
-    ("prumerge_plus", "random", "existence"): "0.50 vs 0.50: +0.00 [-0.06, 0.06]",
-    ("prumerge_plus", "uniform", "existence"): "0.50 vs 0.50: +0.00 [-0.05, 0.05]",
-    ("prumerge", "random", "color"): "0.43 vs 0.45: -0.02 [-0.16, 0.10]",
-    ("prumerge", "uniform", "color"): "0.43 vs 0.45: -0.02 [-0.17, 0.14]",
-    ("prumerge_plus", "random", "color"): "0.52 vs 0.41: +0.10 [-0.07, 0.26]",
-    ("prumerge_plus", "uniform", "color"): "0.52 vs 0.41: +0.10 [-0.05, 0.26]",
+    ("prumerge", "random", "existence"): "0.71 vs 0.68: +0.02 [-0.06, 0.10]",
+    ("prumerge", "uniform", "existence"): "0.71 vs 0.68: +0.03 [-0.05, 0.10]",
+    ("prumerge_plus", "random", "existence"): "0.77 vs 0.77: +0.01 [-0.05, 0.06]",
+    ("prumerge_plus", "uniform", "existence"): "0.77 vs 0.78: -0.01 [-0.06, 0.04]",
+    ("prumerge", "random", "color"): "0.53 vs 0.40: +0.14 [0.00, 0.28]",
+    ("prumerge", "uniform", "color"): "0.53 vs 0.40: +0.14 [-0.02, 0.29]",
+    ("prumerge_plus", "random", "color"): "0.55 vs 0.57: -0.02 [-0.14, 0.10]",
+    ("prumerge_plus", "uniform", "color"): "0.55 vs 0.55: +0.00 [-0.14, 0.14]",
 }
 COMPARISONS = [
     pytest.param(

@@ -111,6 +111,26 @@ def answer(adapter, reducer, questions: Questions, batch: int = 16, budgets: Seq
     return answers, kept
 
 
+@torch.no_grad()
+def answer_nll(adapter, questions: Questions, batch: int = 16) -> np.ndarray:
+    """[n] teacher-forced negative log-likelihood (nats) of each question's answer and its end token,
+    single-turn with the vicuna_v1 template, under the adapter's reducer."""
+    from tokenprune.data.instruct import render
+    from tokenprune.templates import VICUNA_V1
+
+    out: list[float] = []
+    for start in range(0, len(questions), batch):
+        chunk = questions[start : start + batch]
+        conversations = [render([(q.prompt, q.answer)], 1, VICUNA_V1) for q, _ in chunk]
+        inputs = adapter.prepare_conversations(conversations, [[image] for _, image in chunk])
+        kwargs = inputs.as_kwargs()
+        labels = kwargs.pop("labels")[:, 1:]
+        logits = adapter.model(**kwargs, use_cache=False).logits[:, :-1].float()
+        taken = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        out += (-(taken * (labels != -100)).sum(-1)).tolist()
+    return np.array(out)
+
+
 def correct(answers: Sequence[str], questions: Questions) -> np.ndarray:
     """[n] 0/1 per question."""
     return np.array([answer_matches(a, q.answer) for a, (q, _) in zip(answers, questions)], dtype=np.float64)
