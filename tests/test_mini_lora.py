@@ -63,7 +63,8 @@ def losses(tmp_path_factory) -> dict[str, np.ndarray]:
 @needs_shipped
 @pytest.mark.slow
 def test_pruning_costs_answer_likelihood_on_the_shipped_model(losses):
-    """The premise: PruMerge raises the held-out answer NLL of the unreduced model."""
+    """The premise: PruMerge raises the held-out answer NLL of the unreduced model (measured 0.87 ->
+    1.21 nats per answer: +0.34 [0.24, 0.44])."""
     diff, low, _ = paired_bootstrap(losses["base/prumerge"], losses["base/none"])
     assert low > 0, (diff, low)
 
@@ -71,7 +72,8 @@ def test_pruning_costs_answer_likelihood_on_the_shipped_model(losses):
 @needs_shipped
 @pytest.mark.slow
 def test_lora_with_prumerge_in_the_loop_recovers_part_of_the_loss(losses):
-    """LoRA fitted with PruMerge lowers PruMerge's held-out NLL (paired interval excludes zero)."""
+    """LoRA fitted with PruMerge lowers PruMerge's held-out NLL (paired interval excludes zero;
+    measured 1.21 -> 1.02: -0.18 [-0.26, -0.11], 55% of the pruning cost)."""
     diff, _, high = paired_bootstrap(losses["lora_prumerge/prumerge"], losses["base/prumerge"])
     assert high < 0, (diff, high)
 
@@ -79,6 +81,7 @@ def test_lora_with_prumerge_in_the_loop_recovers_part_of_the_loss(losses):
 @needs_shipped
 @pytest.mark.slow
 def test_the_reducer_in_the_loop_beats_the_same_lora_on_unreduced_images(losses):
-    """The control: the same 40 LoRA steps on the same records without a reducer help PruMerge less."""
+    """The control: the same 40 LoRA steps on the same records without a reducer help PruMerge less
+    (measured 1.23 after the control: -0.20 [-0.29, -0.13] in favour of the reducer in the loop)."""
     diff, _, high = paired_bootstrap(losses["lora_prumerge/prumerge"], losses["lora_none/prumerge"])
     assert high < 0, (diff, high)
