@@ -323,12 +323,11 @@ def test_short_visual_contexts_keep_every_object_patch_and_a_few_others():
     )
 
 
+@needs_shipped
 def test_attribute_words_are_one_token_each_in_the_shipped_tokenizer():
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(SHIPPED) if (SHIPPED / "tokenizer.json").exists() else None
-    if tokenizer is None:
-        pytest.skip("models/mini_shapes is not built yet: run `make mini-model`")
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
     ids = mini_language.attribute_word_ids(tokenizer)
     assert ids.numel() == 6 + 5 + 5  # colours, shapes, plurals
     question = tokenizer("Is there a red circle in the image?", add_special_tokens=False).input_ids

@@ -189,7 +189,9 @@ def drop_indices(pattern: str, keep: int, objects: torch.Tensor, generator: torc
 
 
 def grounding_loss(model, inputs: Any, hidden: torch.Tensor, layer: int, rows: list) -> torch.Tensor:
-    """-log(attention mass on the named objects' kept patches) of head 0 of LM layer `layer`.
+    """-log(attention mass on the rows' key positions) of head 0 of LM layer `layer`: the grounding
+    loss (keys: the named objects' kept patches, or the sink) and the gather loss (keys: the turn's
+    colour and shape words, `gather_rows`).
 
     `hidden` [B, L, D] enters that layer; `rows` holds (sample, query position, key positions [K]).
     The attention is recomputed for the query rows only, exactly as the layer does it (RMSNorm,
