@@ -40,7 +40,7 @@ def _fitted(reducer: str, outputs) -> object:
     return stage.load_trained(adapter, outcome.adapter_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaves other modules, which re-ran the fits
 def losses(tmp_path_factory) -> dict[str, np.ndarray]:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
