@@ -2,6 +2,7 @@
 
     python scripts/mini_tokens.py                    # 600 val scenes -> outputs/tables/mini_shapes_tokens.{json,md}
     python scripts/mini_tokens.py --items 200 --split test
+    python scripts/mini_tokens.py --model /tmp/mini --items 200    # another build of the recipe
 
 For each scene of the shapes world's `split` (never trained on for val/test), the shipped
 mini_shapes model's vision tower gives PruMerge's signals; the script records the tokens each
@@ -31,12 +32,13 @@ REDUCERS = ("prumerge", "prumerge_plus")
 
 
 @torch.no_grad()
-def measure(items: int, split: str, seed: int, batch: int = 32) -> dict:
+def measure(items: int, split: str, seed: int, batch: int = 32, model: Path | None = None) -> dict:
     from hydra.utils import instantiate
 
     reducers = {name: instantiate(compose([f"reducer={name}"]).reducer) for name in REDUCERS}
     # the adapter computes the signals its reducer asks for (both reducers ask for the same ones)
-    adapter = instantiate(compose(["model=mini_shapes"]).model, reducer=reducers["prumerge"])
+    overrides = ["model=mini_shapes"] + ([f"model.path={model}"] if model else [])
+    adapter = instantiate(compose(overrides).model, reducer=reducers["prumerge"])
     scenes = [make_item(i, split, seed) for i in range(items)]
     kept: dict[str, list[int]] = defaultdict(list)
     objects, area, ratio = [], [], []
@@ -52,7 +54,14 @@ def measure(items: int, split: str, seed: int, batch: int = 32) -> dict:
             area.append(float(on.float().mean()))
             ratio.append(float(row[on].mean() / row[~on].mean()))
     total = GRID * GRID
-    report = {"split": split, "items": items, "seed": seed, "tokens": total, "reducers": {}}
+    report = {
+        "model": str(model or "models/mini_shapes"),
+        "split": split,
+        "items": items,
+        "seed": seed,
+        "tokens": total,
+        "reducers": {},
+    }
     for name, values in kept.items():
         by_count = defaultdict(list)
         for n, k in zip(objects, values):
@@ -97,10 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--items", type=int, default=600)
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model", type=Path, help="a checkpoint folder (default: the shipped models/mini_shapes)"
+    )
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "tables")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    report = measure(args.items, args.split, args.seed)
+    report = measure(args.items, args.split, args.seed, model=args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "mini_shapes_tokens.json", json.dumps(report, indent=1) + "\n")
     table = markdown(report)

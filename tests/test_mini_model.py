@@ -86,11 +86,12 @@ def test_shipped_folder_is_small_safetensors_with_its_build_record():
     assert build["command"].startswith("python -m tokenprune.recipes.mini_shapes")
     assert build["recipe"]["seed"] == 0 and build["stage2"]["steps"] > 0
     config = OmegaConf.to_container(compose(config_name="recipe/mini_shapes").recipe)
-    run_only = ("init_from", "init_stages", "log_every")  # the shipped build reused the v1 tower
+    run_only = ("init_from", "init_stages", "log_every")  # how a build was started, not what it is
     assert {k: v for k, v in build["recipe"].items() if k not in run_only} == {
         k: v for k, v in config.items() if k not in run_only
     }  # the config's knobs are the shipped build's
-    assert build["seconds"]["total_with_init"] <= 3600
+    seconds = build["seconds"]  # a build started from another (init_from) adds that one's stages
+    assert seconds.get("total_with_init", seconds["total"]) <= 3600
 
 
 def test_processor_and_tokenizer_round_trip(adapter):
@@ -111,17 +112,17 @@ def test_processor_and_tokenizer_round_trip(adapter):
 
 
 # ------------------------------------------------------------------ properties of the shipped model
-MISSED = "docs/miniature.md §3: the v3 LM grounds existence, colour less well"
+MISSED = "docs/miniature.md §3: the v4 LM grounds existence, colour less well"
 
 
 @pytest.mark.slow
 def test_unreduced_model_grounds_existence(unreduced):
-    """Design target: POPE F1 >= 0.85 on held-out test scenes (measured 0.854, accuracy 0.84)."""
+    """Design target: POPE F1 >= 0.85 on held-out test scenes (measured 0.877, accuracy 0.86)."""
     assert unreduced["seen"]["pope_f1"][0] >= 0.85, unreduced["seen"]["pope_f1"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=f"measured colour accuracy 0.62 (58 questions); {MISSED}")
+@pytest.mark.xfail(strict=True, reason=f"measured colour accuracy 0.69 (58 questions); {MISSED}")
 def test_unreduced_model_names_colours(unreduced):
     """Design target: colour accuracy >= 0.85 on held-out test scenes."""
     assert unreduced["seen"]["color"].mean() >= 0.85, unreduced["seen"]["color"].mean()
@@ -131,8 +132,8 @@ def test_unreduced_model_names_colours(unreduced):
 @pytest.mark.parametrize(
     "kind",
     [
-        "existence",  # measured 0.84 with the image, 0.46 blind: +0.38, paired [0.29, 0.47]
-        "color",  # measured 0.62 with the image, 0.21 blind: +0.41, paired [0.29, 0.53]
+        "existence",  # measured 0.86 with the image, 0.42 blind: +0.44, paired [0.36, 0.54]
+        "color",  # measured 0.69 with the image, 0.17 blind: +0.52, paired [0.38, 0.66]
     ],
 )
 def test_answers_depend_on_the_image_not_on_the_question_alone(unreduced, kind):
@@ -162,22 +163,34 @@ def test_cls_attention_concentrates_on_object_patches(adapter):
     assert min(ratios) > 1.0 and sum(ratios) / len(ratios) > 3.0, ratios
 
 
-def test_prumerge_keeps_at_most_15_percent_growing_with_object_count(adapter):
+@pytest.fixture(scope="module")
+def prumerge_kept(adapter) -> tuple[torch.Tensor, list[int]]:
+    """PruMerge's kept counts [40] on test scenes and their object counts."""
     items = [make_item(i, "test") for i in TOKEN_ITEMS]
     reducer = PruMerge()
     kept = reducer(_visual_tokens(adapter, reducer, [item.image() for item in items])).lengths.float()
-    objects = [len(item.scene.objects) for item in items]
+    return kept, [len(item.scene.objects) for item in items]
+
+
+def test_prumerge_keeps_at_most_15_percent_of_the_tokens(prumerge_kept):
+    """Measured 6.2% (35.5 of 576; LLaVA-1.5: 5.5%), min 2."""
+    kept, _ = prumerge_kept
     assert kept.min() >= 1 and kept.mean() <= 0.15 * 576, kept
-    assert np.corrcoef(kept.numpy(), objects)[0, 1] >= 0.8
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="PruMerge+ keeps 54% of the tokens on mini_shapes (LLaVA-1.5: ~25%): the tower's CLS-attention "
-    "outliers cover ~12% of the patches (LLaVA: ~5.5%), so the adaptive stride is 2 or 1; the v2 and v3 "
-    "builds keep v1's tower (docs/miniature.md §3)",
+    reason="measured r = 0.71 with the object count (0.91 with the object area) on 40 test scenes: the "
+    "calibrated CLS attention falls on each object's core, the patches wholly inside it, so a large object "
+    "adds more kept tokens than a small one (v1's uncalibrated tower: r = 0.88; docs/miniature.md §3)",
 )
+def test_prumerge_kept_count_grows_with_the_object_count(prumerge_kept):
+    kept, objects = prumerge_kept
+    assert np.corrcoef(kept.numpy(), objects)[0, 1] >= 0.8
+
+
 def test_prumerge_plus_keeps_about_a_quarter_of_the_tokens(adapter):
+    """LLaVA-1.5: ~25%; measured 25.3% on 40 test scenes (v1-v3's uncalibrated tower: 54%)."""
     reducer = PruMergePlus()
     images = [make_item(i, "test").image() for i in TOKEN_ITEMS]
     kept = reducer(_visual_tokens(adapter, reducer, images)).lengths.float()
@@ -201,24 +214,36 @@ def reduced(adapter, questions) -> dict[tuple[str, str], np.ndarray]:
     return out
 
 
-# Measured on the shipped model (test scenes 0-29): method - baseline, paired bootstrap 95% interval.
+# Measured on the shipped model (test scenes 0-29): method vs baseline, method - baseline, paired
+# bootstrap 95% interval. PruMerge (~36 tokens) passes all four; PruMerge+ (~148) misses all four.
 MEASURED = {
-    ("prumerge", "random", "existence"): "0.71 vs 0.68: +0.02 [-0.06, 0.10]",
-    ("prumerge", "uniform", "existence"): "0.71 vs 0.68: +0.03 [-0.05, 0.10]",
-    ("prumerge_plus", "random", "existence"): "0.77 vs 0.77: +0.01 [-0.05, 0.06]",
-    ("prumerge_plus", "uniform", "existence"): "0.77 vs 0.78: -0.01 [-0.06, 0.04]",
-    ("prumerge", "random", "color"): "0.53 vs 0.40: +0.14 [0.00, 0.28]",
-    ("prumerge", "uniform", "color"): "0.53 vs 0.40: +0.14 [-0.02, 0.29]",
-    ("prumerge_plus", "random", "color"): "0.55 vs 0.57: -0.02 [-0.14, 0.10]",
-    ("prumerge_plus", "uniform", "color"): "0.55 vs 0.55: +0.00 [-0.14, 0.14]",
+    ("prumerge", "random", "existence"): "0.78 vs 0.64: +0.14 [0.07, 0.22]",
+    ("prumerge", "uniform", "existence"): "0.78 vs 0.65: +0.13 [0.06, 0.21]",
+    ("prumerge", "random", "color"): "0.50 vs 0.29: +0.21 [0.05, 0.36]",
+    ("prumerge", "uniform", "color"): "0.50 vs 0.28: +0.22 [0.09, 0.36]",
+    ("prumerge_plus", "random", "existence"): "0.78 vs 0.79: -0.01 [-0.08, 0.06]",
+    ("prumerge_plus", "uniform", "existence"): "0.78 vs 0.78: +0.01 [-0.06, 0.07]",
+    ("prumerge_plus", "random", "color"): "0.52 vs 0.57: -0.05 [-0.19, 0.09]",
+    ("prumerge_plus", "uniform", "color"): "0.52 vs 0.62: -0.10 [-0.21, 0.02]",
 }
+PLUS_MISSED = (
+    "at ~148 tokens (a quarter of the image) random and uniform keep part of nearly every object too "
+    "(an object of 10 patches keeps one with p = 0.95), so the outliers' edge is gone; PruMerge+ answers no "
+    "better than PruMerge alone at a quarter of its tokens (colour 0.52 vs 0.50; docs/miniature.md §3)"
+)
 COMPARISONS = [
     pytest.param(
         method,
         baseline,
         kind,
         id=f"{method}-vs-{baseline}-{kind}",
-        marks=pytest.mark.xfail(strict=True, reason=f"measured {MEASURED[method, baseline, kind]}; {MISSED}"),
+        marks=[
+            pytest.mark.xfail(
+                strict=True, reason=f"measured {MEASURED[method, baseline, kind]}; {PLUS_MISSED}"
+            )
+        ]
+        if method == "prumerge_plus"
+        else [],
     )
     for method in ("prumerge", "prumerge_plus")
     for baseline in ("random", "uniform")
@@ -246,12 +271,37 @@ def test_object_patches_on_a_hand_built_scene():
     assert torch.equal(mini_vision.object_masks(scene, image).reshape(1, 24, 24), want[None])
 
 
+def test_core_patches_are_the_ones_wholly_inside_an_object():
+    # the red square covers pixels 8..19 = patches 2..4 exactly; the blue circle at (60, 60) does not
+    scene = Scene((Obj("square", "red", "small", 8, 8), Obj("circle", "blue", "small", 60, 60)), 240, (), ())
+    coverage = mini_vision.object_coverage(scene, render(scene))  # [2, 576]
+    square = torch.zeros(24, 24, dtype=torch.long)
+    square[2:5, 2:5] = 16
+    assert torch.equal(coverage[0].reshape(24, 24), square)
+    cores = mini_vision.core_patches(coverage)
+    assert torch.equal(cores, (coverage == 16).any(0)) and cores.reshape(24, 24)[2:5, 2:5].all()
+    thin = torch.zeros(1, 576, dtype=torch.long)
+    thin[0, [7, 8, 31]] = torch.tensor([6, 11, 3])  # no patch wholly inside: the most covered one
+    assert mini_vision.core_patches(thin).nonzero().flatten().tolist() == [8]
+
+
+def test_cls_target_puts_its_mass_on_cores_and_background_none_on_rims():
+    cores, objects = torch.zeros(3, 576, dtype=torch.bool), torch.zeros(3, 576, dtype=torch.bool)
+    cores[0, :4] = objects[0, :10] = True  # 4 cores, 6 rim patches, 566 background
+    cores[2], objects[2] = True, True  # all core
+    target = mini_vision.cls_target(cores, objects, 0.6)
+    assert torch.allclose(target.sum(1), torch.ones(3))
+    assert torch.allclose(target[0, :4], torch.full((4,), 0.15)) and (target[0, 4:10] == 0).all()
+    assert torch.allclose(target[0, 10:], torch.full((566,), 0.4 / 566))
+    assert torch.allclose(target[1], torch.full((576,), 1 / 576))  # no objects: uniform
+    assert torch.allclose(target[2], torch.full((576,), 1 / 576))
+
+
 def test_scene_stream_matches_the_train_split_and_is_deterministic():
-    images, presence, counts, patches = mini_vision.scene_batch(seed=0, start=5, n=3)
+    images, presence, counts, patches, cores = mini_vision.scene_batch(seed=0, start=5, n=3)
     again = mini_vision.scene_batch(seed=0, start=5, n=3)
-    assert (
-        torch.equal(presence, again[1]) and torch.equal(counts, again[2]) and torch.equal(patches, again[3])
-    )
+    assert all(torch.equal(a, b) for a, b in zip((presence, counts, patches, cores), again[1:]))
+    assert not (cores & (patches == 0)).any() and (cores.sum(1) >= 1).all()
     for k, image in enumerate(images):
         item = make_item(5 + k, "train")
         assert image.tobytes() == item.image().tobytes()
@@ -458,7 +508,7 @@ def test_default_train_job_fits_lora_with_prumerge_plus_and_compares_with_full(t
         "train": "lora_mini",
     }
     assert result["metrics"]["train/steps"] == 2
-    assert (tmp_path / "shapes" / "train_12000_4" / "shapes_train.json").exists()
+    assert (tmp_path / "shapes" / "train_20000_4" / "shapes_train.json").exists()
     metrics = result["metrics"]
     for task in ("shapes_pope", "shapes_vqa", "shapes_mc"):
         assert any(k.startswith(f"full/{task}/") for k in metrics), task

@@ -79,6 +79,10 @@ class Recipe:
     stage0_warmup: int = 50
     stage0_patch_weight: float = 1.0  # auxiliary per-patch object-label loss (0: CLS objective only)
     stage0_background_weight: float = 1.0  # weight of the "no object" class in the per-patch loss
+    # CLS calibration: KL from a target that puts `stage0_cls_core_mass` on the objects' core patches
+    # (`mini_vision.core_patches`) and the rest on the background, to PruMerge's CLS attention (0: off)
+    stage0_cls_weight: float = 0.0
+    stage0_cls_core_mass: float = 0.5
     # stage 1 (the v1 recipe): projector + LM, one epoch over the train split's instruction JSON;
     # round r trains on fresh train items r*records .. (r+1)*records - 1 with its own warm-up + cosine
     stage1_records: int = 12_000
