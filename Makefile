@@ -67,7 +67,7 @@ reproduce: install ## EXP=name [ARGS="launcher=slurm ..."]: the experiment's swe
 
 MINI_EXPS = mini_shapes mini_shapes_budgets mini_shapes_lora mini_shapes_lora_baselines
 
-miniature: install ## the miniature reproduction on a CPU: its sweeps, token report, tables and plots (~25 min)
+miniature: install ## the miniature reproduction on a CPU: its sweeps, token report, tables and plots (~36 min)
 	$(MAKE) --no-print-directory reproduce EXP="$(MINI_EXPS)" ARGS="$(ARGS)"
 	$(PY) scripts/mini_tokens.py --split test
 
