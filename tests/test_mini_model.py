@@ -409,7 +409,7 @@ TOY = [
     "recipe.lm_width=32", "recipe.lm_layers=3", "recipe.lm_mlp=64",
     "recipe.stage0_steps=3", "recipe.stage0_batch=2", "recipe.stage1_records=4", "recipe.stage1_batch=2",
     "recipe.stage1_rounds=2", "recipe.stage2_records=4", "recipe.stage2_batch=2", "recipe.drop_prob=1",
-    "recipe.heldout_items=1", "recipe.log_every=1", "recipe.threads=1",
+    "recipe.heldout_items=1", "recipe.log_every=1", "recipe.threads=1", "recipe.stage0_cls_weight=1",
 ]  # fmt: skip
 
 
@@ -432,7 +432,12 @@ def test_make_mini_model_entry_point_builds_a_loadable_checkpoint(tmp_path, monk
     finally:
         torch.set_num_threads(threads)
     log = capsys.readouterr().out
-    assert "[stage0] step 3/3" in log and "[stage1] round 2/2 step 2/2" in log and "[stage2] step 2/2" in log
+    assert (
+        "[stage0] step 3/3" in log
+        and "cls KL" in log
+        and "[stage1] round 2/2 step 2/2" in log
+        and "[stage2] step 2/2" in log
+    )
     assert sorted(p.name for p in out.parent.iterdir()) == ["mini_shapes", "mini_shapes_2", "mini_shapes_3"]
     build = json.loads((out / "BUILD.json").read_text())
     assert build["recipe"]["stage0_steps"] == 3 and build["stage1"]["steps"] == 4  # 2 rounds x 2 steps

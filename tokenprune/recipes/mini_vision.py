@@ -162,9 +162,8 @@ def train_stage0(model, pixels: Callable, recipe: Any, log: Log) -> dict[str, An
                 patch_logits.flatten(0, 1), patches.flatten(), weight=patch_class_weight
             )
             loss = loss + recipe.stage0_patch_weight * patch_loss
-        if (
-            recipe.stage0_cls_weight
-        ):  # PruMerge's own CLS attention (one full-width head), patches renormalised
+        if recipe.stage0_cls_weight:
+            # PruMerge's own CLS attention (one full-width head), renormalised over the patches
             attention, _ = clip_cls_attention(tower.encoder.layers[-1], output.hidden_states[-2])
             log_attention = (attention / attention.sum(1, keepdim=True)).clamp(min=1e-12).log()
             target = cls_target(cores, patches > 0, recipe.stage0_cls_core_mass)
