@@ -45,11 +45,11 @@ test-latest: install ## drift check, not in CI: newest allowed versions in a thr
 	$(LATEST)/venv/bin/python -m pytest -p no:cacheprovider $(LATEST_TESTS)
 
 test: install ## set up, then run the whole test suite (what CI runs)
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
 
 FAST := not slow and not integration and not gpu
 test-fast: install ## the development loop: contract matrix, parity and unit tests (no slow/integration/gpu)
-	$(PY) -m pytest -n 2 --dist loadgroup -m "$(FAST)" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadscope -m "$(FAST)" $(PYTEST_ARGS)
 
 docs: install ## build the documentation site from docs/ into build/site (--strict: a broken link fails)
 	$(PY) -m mkdocs build --strict --site-dir build/site
@@ -65,7 +65,7 @@ reproduce: install ## EXP=name [ARGS="launcher=slurm ..."]: the experiment's swe
 	@for exp in $(EXP); do echo "== sweep $$exp"; $(PY) -m tokenprune.train -m experiment=$$exp $(ARGS) || exit 1; done
 	$(PY) -m tokenprune.tables experiment=$(subst $(space),$(comma),$(strip $(EXP))) $(ARGS)
 
-MINI_EXPS = mini_shapes mini_shapes_budgets mini_shapes_lora mini_shapes_lora_baselines
+MINI_EXPS = mini_shapes mini_shapes_budgets mini_shapes_lora mini_shapes_lora_baselines mini_shapes_peers
 
 miniature: install ## the miniature reproduction on a CPU: its sweeps, token report, tables and plots (~36 min)
 	$(MAKE) --no-print-directory reproduce EXP="$(MINI_EXPS)" ARGS="$(ARGS)"

@@ -61,8 +61,8 @@ def _losses(outputs) -> dict[str, np.ndarray]:
 @needs_shipped
 @pytest.mark.slow
 def test_lora_with_prumerge_in_the_loop_recovers_part_of_what_pruning_costs(tmp_path):
-    """One test, not three on a shared fixture: pytest-xdist 3.8 did not keep an `xdist_group` on one
-    worker here, and each worker re-ran the two fits (make test --durations: 858 s + 855 s).
+    """One test, not three on a shared fixture, so the two fits run once whichever worker gets it (with
+    pytest 9.2, pytest-xdist 3.8's `--dist loadgroup` ignores `xdist_group`: pytest-xdist#1386).
 
     1. The premise: PruMerge raises the held-out answer NLL of the unreduced model (measured 0.66 ->
        1.02 nats per answer: +0.36 [0.24, 0.49]).
