@@ -63,12 +63,12 @@ tables: install ## tables (Markdown, LaTeX) + plots from outputs/results: every 
 reproduce: install ## EXP=name [ARGS="launcher=slurm ..."]: the experiment's sweep, then its tables and plots
 	@test -n "$(EXP)" || { echo "usage: make reproduce EXP=<name> [ARGS=...]  (names: configs/experiment/*.yaml)"; exit 2; }
 	@for exp in $(EXP); do echo "== sweep $$exp"; $(PY) -m tokenprune.train -m experiment=$$exp $(ARGS) || exit 1; done
-	$(PY) -m tokenprune.tables experiment=$(subst $(space),$(comma),$(strip $(EXP))) $(ARGS)
+	$(PY) -m tokenprune.tables experiment=$(subst $(space),$(comma),$(strip $(EXP))) $(ARGS) $(TABLES_ARGS)
 
 MINI_EXPS = mini_shapes mini_shapes_budgets mini_shapes_lora mini_shapes_lora_baselines mini_shapes_peers
 
 miniature: install ## the miniature reproduction on a CPU: its sweeps, token report, tables and plots (~36 min)
-	$(MAKE) --no-print-directory reproduce EXP="$(MINI_EXPS)" ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory reproduce EXP="$(MINI_EXPS)" ARGS="$(ARGS)" TABLES_ARGS=publish=true
 	$(PY) scripts/mini_tokens.py --split test
 
 miniature-mapper: install ## the miniature's explainability-mapper comparison: labels, mapper, oracle, table (~20 min)

@@ -34,7 +34,9 @@ Table spec (`experiment.table`):
 
 Each cell takes the newest matching result (by `run.finished`) that has the metric; when several match, a
 note says so. Plot spec (`experiment.plot`): `series` (a label template over the same keys, default
-"{reducer}"), `where` (default: the table's), `columns` (default: every metric column).
+"{reducer}"), `where` (default: the table's), `columns` (default: every metric column). Publish spec
+(`experiment.publish`, used with `publish=true`): where the table and plots are shown in the repository
+(tokenprune.tables.publish).
 """
 
 from tokenprune.tables.build import Table, build_table, load_published, matches, value_at

@@ -1,10 +1,12 @@
-"""`python -m tokenprune.tables [experiment=NAME[,NAME...]] [plots=false] [Hydra overrides]`.
+"""`python -m tokenprune.tables [experiment=NAME[,NAME...]] [plots=false] [publish=true] [Hydra overrides]`.
 
 Writes `<paths.outputs>/tables/NAME.md` and `.tex` and `<paths.outputs>/plots/NAME/<column>.png|.pdf`
 from the result files in `paths.results`, for the named experiments or, without `experiment=`, for every
 experiment in configs/experiment/ that has a table (one whose configs are not all there yet is skipped
 with a message). Other arguments are Hydra overrides of the composed config, e.g.
 `paths.results=/scratch/results paths.outputs=/tmp/out`. Nothing is run: results are only read.
+`publish=true` also puts each table and plot where the experiment's `experiment.publish` says
+(README.md, docs/: tokenprune.tables.publish).
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ def experiment_spec(name: str, overrides: Sequence[str] = ()) -> tuple[dict[str,
 
 
 def make(
-    name: str, overrides: Sequence[str] = (), plots: bool = True, cache: dict | None = None
+    name: str,
+    overrides: Sequence[str] = (),
+    plots: bool = True,
+    cache: dict | None = None,
+    publish: bool = False,
 ) -> list[Path]:
     """Tables (and plots) of one experiment; returns the files written."""
     spec, paths = experiment_spec(name, overrides)
@@ -70,10 +76,15 @@ def make(
         atomic_write_text(out / f"{name}.tex", render_latex(table)),
     ]
     print(markdown)
-    if plots:
+    plot_dir = Path(paths["outputs"]) / "plots" / name
+    if plots or publish:
         from tokenprune.tables.plots import write_plots
 
-        written += write_plots(name, spec, results, published, Path(paths["outputs"]) / "plots" / name)
+        written += write_plots(name, spec, results, published, plot_dir)
+    if publish and spec.get("publish"):
+        from tokenprune.tables.publish import publish as publish_table
+
+        written += publish_table(table, spec["publish"], plot_dir)
     for path in written:
         print(f"wrote {path}")
     return written
@@ -83,13 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[tables] %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     names: list[str] = []
-    plots = True
+    flags = {"plots": True, "publish": False}
     overrides = []
     for arg in args:
-        if arg.startswith("experiment="):
-            names += [n for n in arg.split("=", 1)[1].split(",") if n]
-        elif arg.startswith("plots="):
-            plots = arg.split("=", 1)[1].lower() not in ("false", "0", "no")
+        key, _, value = arg.partition("=")
+        if key == "experiment":
+            names += [n for n in value.split(",") if n]
+        elif key in flags:
+            flags[key] = value.lower() not in ("false", "0", "no")
         else:
             overrides.append(arg)
     explicit = bool(names)
@@ -97,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache: dict = {}
     for name in names:
         try:
-            make(name, overrides, plots=plots, cache=cache)
+            make(name, overrides, cache=cache, **flags)
         except HydraException as error:  # a config the experiment needs is not there (yet)
             if explicit:
                 raise

@@ -82,7 +82,8 @@ def _row_name(table: Table, index: int) -> str:
     return f"{section} / {row.label}" if section else row.label
 
 
-def render_markdown(table: Table) -> str:
+def render_markdown(table: Table, files: bool = True) -> str:
+    """The table, its legend and notes and (with `files`) the result files each row comes from."""
     groups, cells = _grid(table)
     header, align = ["Method"], ["---"]
     for label, subs in groups:
@@ -104,9 +105,10 @@ def render_markdown(table: Table) -> str:
         lines.append("| " + " | ".join([row.label, *texts]) + " |")
     lines.append("")
     lines += [f"- {line}" for line in _notes(table)]
-    lines += ["", "Result files:", ""]
-    for i, row in enumerate(table.rows):
-        lines.append(f"- {_row_name(table, i)}: {', '.join(row.results) if row.results else MISSING}")
+    if files:
+        lines += ["", "Result files:", ""]
+        for i, row in enumerate(table.rows):
+            lines.append(f"- {_row_name(table, i)}: {', '.join(row.results) if row.results else MISSING}")
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
 
 
