@@ -67,7 +67,7 @@ reproduce: install ## EXP=name [ARGS="launcher=slurm ..."]: the experiment's swe
 
 MINI_EXPS = mini_shapes mini_shapes_budgets mini_shapes_lora mini_shapes_lora_baselines mini_shapes_peers
 
-miniature: install ## the miniature reproduction on a CPU: its sweeps, token report, tables and plots (~36 min)
+miniature: install ## the miniature reproduction on a CPU: sweeps, token report, tables, plots, README table (~52 min)
 	$(MAKE) --no-print-directory reproduce EXP="$(MINI_EXPS)" ARGS="$(ARGS)" TABLES_ARGS=publish=true
 	$(PY) scripts/mini_tokens.py --split test
 

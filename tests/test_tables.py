@@ -287,3 +287,10 @@ def test_published_experiments_have_their_markers_in_the_repository():
             assert all(text.count(marker) == 1 for marker in markers(name)), (rel, name)
             published += 1
     assert published >= 3  # mini_shapes in README.md and docs/experiments.md, mini_shapes_peers
+
+
+def test_a_row_with_an_unknown_key_is_an_error():
+    """An unquoted label with a comma in a YAML flow mapping splits into a second key."""
+    spec = {"columns": [], "rows": [{"label": "SparseVLM (layer avg", "cuts 1/2/3)": None}]}
+    with pytest.raises(ValueError, match=r"unknown keys \['cuts 1/2/3\)'\].*quote a label"):
+        build_table("t", spec, [], {})

@@ -219,8 +219,18 @@ def _natural(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
+ROW_KEYS = {"label", "section", "where", "cells", "paper", "note"}
+
+
 def _row_specs(spec: dict[str, Any], candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if spec.get("rows"):
+        for row in spec["rows"]:
+            unknown = sorted(set(row) - ROW_KEYS)
+            if unknown:  # e.g. an unquoted label with a comma in a YAML flow mapping: `{label: a, b}`
+                raise ValueError(
+                    f"table row {row.get('label')!r} has unknown keys {unknown} (allowed: {sorted(ROW_KEYS)}); "
+                    "quote a label that holds a comma"
+                )
         return list(spec["rows"])
     template = spec.get("group_by")
     if not template:
