@@ -55,6 +55,13 @@ def _grid(table: Table) -> tuple[list[tuple[str, list[str]]], list[list[tuple[st
     return groups, cells
 
 
+_EFFICIENCY_LEGEND = {
+    "tokens": "Tokens: visual tokens per sample (mean)",
+    "prefill_flops": "Prefill FLOPs: analytic LLM prefill FLOPs per sample",
+    "flops_ratio": "FLOPs ratio: prefill FLOPs relative to keeping every visual token",
+}
+
+
 def _legend(table: Table) -> list[str]:
     lines = []
     if table.paper_columns():
@@ -64,10 +71,9 @@ def _legend(table: Table) -> list[str]:
         )
     else:
         lines.append(f"{MISSING}: no result file yet. Bold: best per column.")
-    lines.append(
-        "Tokens: visual tokens per sample (mean); Prefill FLOPs: analytic LLM prefill FLOPs per sample; "
-        "FLOPs ratio: prefill FLOPs relative to keeping every visual token (the results' eff/*)."
-    )
+    shown = [text for cid, text in _EFFICIENCY_LEGEND.items() if any(c.id == cid for c in table.columns)]
+    if shown:
+        lines.append("; ".join(shown) + " (the results' eff/*).")
     return lines
 
 
