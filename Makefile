@@ -73,7 +73,7 @@ miniature: install ## the miniature reproduction on a CPU: sweeps, token report,
 
 miniature-mapper: install ## the miniature's explainability-mapper comparison: labels, mapper, oracle, table (~20 min)
 	$(PY) -m tokenprune.label model=mini_shapes source=shapes source.n=100 label.progress=false
-	$(MAKE) --no-print-directory reproduce EXP="mini_shapes_mapper mini_shapes_oracle" ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory reproduce EXP="mini_shapes_mapper mini_shapes_oracle" ARGS="$(ARGS)" TABLES_ARGS=publish=true
 
 lint: install ## ruff check + format check
 	$(PY) -m ruff check .
