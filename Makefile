@@ -71,7 +71,7 @@ miniature: install ## the miniature reproduction on a CPU: sweeps, token report,
 	$(MAKE) --no-print-directory reproduce EXP="$(MINI_EXPS)" ARGS="$(ARGS)" TABLES_ARGS=publish=true
 	$(PY) scripts/mini_tokens.py --split test
 
-miniature-mapper: install ## the miniature's explainability-mapper comparison: labels, mapper, oracle, table (~20 min)
+miniature-mapper: install ## the miniature's explainability-mapper comparison: labels, mapper, oracle, table (~40 min)
 	$(PY) -m tokenprune.label model=mini_shapes source=shapes source.n=100 label.progress=false
 	$(MAKE) --no-print-directory reproduce EXP="mini_shapes_mapper mini_shapes_oracle" ARGS="$(ARGS)" TABLES_ARGS=publish=true
 
